@@ -1,0 +1,3 @@
+//! Subcommands that help diagnose keep-alive problems, with or without kaguard in the path.
+
+pub mod upstream;
