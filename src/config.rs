@@ -1,0 +1,214 @@
+//! The TOML file and the command line -> a validated, typed [`Config`].
+//!
+//! Reading is two steps: serde fills `raw` structs that mirror the file (every key optional,
+//! unknown keys rejected), then `validate` applies defaults, parses durations, sizes and
+//! addresses, resolves upstream servers once, and rejects configs that cannot work. Every
+//! default lives below with its reason; `docs/config.md` is the reference.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+mod error;
+mod raw;
+mod units;
+mod validate;
+
+pub use error::{ConfigError, Problem};
+
+/// A validated config: every default filled in, every address resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// At least one.
+    pub listen: Vec<SocketAddr>,
+    /// Runtime threads; the file's 0 is resolved to the number of cores at load.
+    pub workers: usize,
+    /// On graceful shutdown, how long in-flight requests may still finish.
+    pub drain_timeout: Duration,
+    pub downstream: DownstreamConfig,
+    /// In file order; names unique; at least one.
+    pub upstreams: Vec<UpstreamGroupConfig>,
+    /// May be empty: then the only upstream group takes every request.
+    pub routes: Vec<RouteConfig>,
+    pub access_log: AccessLog,
+    /// Address of the admin listener; `None` means none.
+    pub admin: Option<SocketAddr>,
+}
+
+/// The client side, with nginx's names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DownstreamConfig {
+    /// Idle time announced in `Keep-Alive: timeout=N`; the proxy holds the connection a little
+    /// longer so a client never races our close.
+    pub keepalive_timeout: Duration,
+    /// Requests served on one client connection before it is closed.
+    pub keepalive_requests: u64,
+    /// Longest lifetime of a client connection.
+    pub keepalive_time: Duration,
+    pub client_header_timeout: Duration,
+    /// Between two successive reads of the request body.
+    pub client_body_timeout: Duration,
+    /// Between two successive writes to the client.
+    pub send_timeout: Duration,
+    /// Request line plus headers, in bytes; at least 8192.
+    pub max_header_size: usize,
+    /// Request body limit in bytes; 0 means unlimited.
+    pub max_body_size: u64,
+}
+
+/// A named set of upstream servers sharing one pool policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamGroupConfig {
+    pub name: String,
+    /// At least one.
+    pub servers: Vec<ServerConfig>,
+    /// Idle connections kept for the group; 0 means no reuse at all.
+    pub keepalive: usize,
+    /// How long a pooled connection may sit idle before we close it.
+    pub keepalive_timeout: Duration,
+    /// Requests sent on one upstream connection before it is closed.
+    pub keepalive_requests: u64,
+    /// Longest lifetime of an upstream connection.
+    pub keepalive_time: Duration,
+    pub connect_timeout: Duration,
+    /// Between two successive reads from the upstream.
+    pub read_timeout: Duration,
+    /// Between two successive writes to the upstream.
+    pub send_timeout: Duration,
+}
+
+/// One upstream server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// As written, e.g. "app.internal:3000"; what logs and `to_toml` show.
+    pub name: String,
+    /// Resolved once at load; the first address the resolver returned.
+    pub addr: SocketAddr,
+}
+
+/// Sends requests for a host and path prefix to an upstream group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteConfig {
+    /// Lowercased, without port or trailing dot; `None` matches any host.
+    pub host: Option<String>,
+    /// Starts with '/'; matches on a path-segment boundary.
+    pub path_prefix: String,
+    /// Names one of `Config::upstreams`.
+    pub upstream: String,
+}
+
+/// Where the access log goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessLog {
+    Off,
+    Stdout,
+    File(PathBuf),
+}
+
+/// Default `workers`; 0 means one runtime thread per core, resolved at load.
+const DEFAULT_WORKERS: usize = 0;
+/// Long enough for typical requests to finish; what Kubernetes gives a pod
+/// (`terminationGracePeriodSeconds`) before SIGKILL.
+const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Default for DownstreamConfig {
+    fn default() -> Self {
+        Self {
+            // Must outlive the idle timeout of any load balancer in front of us: AWS ALB 60 s,
+            // GCP 600 s (fixed, backend side). A shorter one here makes *us* close under them.
+            keepalive_timeout: Duration::from_secs(620),
+            // nginx's default.
+            keepalive_requests: 1000,
+            // nginx's default.
+            keepalive_time: Duration::from_secs(3600),
+            // nginx's defaults.
+            client_header_timeout: Duration::from_secs(60),
+            client_body_timeout: Duration::from_secs(60),
+            send_timeout: Duration::from_secs(60),
+            // nginx's `large_client_header_buffers 4 8k`.
+            max_header_size: 32 * 1024,
+            // Unlimited: bodies are streamed, not buffered, and nginx's 1m default is a top
+            // cause of surprise 413s.
+            max_body_size: 0,
+        }
+    }
+}
+
+impl UpstreamGroupConfig {
+    /// A group with every pool and timeout setting at its default.
+    pub fn with_defaults(name: impl Into<String>, servers: Vec<ServerConfig>) -> Self {
+        Self {
+            name: name.into(),
+            servers,
+            // nginx's default.
+            keepalive: 32,
+            // Below Gunicorn's 2 s, the shortest keep-alive among common app servers (Node 5 s,
+            // uvicorn 5 s, Apache 5 s, Tomcat 20 s, Jetty 30 s), with room for a FIN in flight.
+            // Busy connections are never idle this long, so reuse stays high under load.
+            // Proxies default far higher (nginx 60 s, Go 90 s, Caddy 2 min, Envoy 1 h), and that
+            // inversion is the race this project exists to remove.
+            keepalive_timeout: Duration::from_secs(1),
+            // nginx's default; lets reuse reach 99.9 %.
+            keepalive_requests: 1000,
+            // nginx's default.
+            keepalive_time: Duration::from_secs(3600),
+            // Envoy's default; nginx's 60 s makes a dead server hang clients for a minute.
+            connect_timeout: Duration::from_secs(5),
+            // nginx's `proxy_read_timeout` and `proxy_send_timeout`.
+            read_timeout: Duration::from_secs(60),
+            send_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file; errors start with the file's path.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+            path: path.to_owned(),
+            error,
+        })?;
+        Self::from_toml_str(&text).map_err(|inner| ConfigError::InFile {
+            path: path.to_owned(),
+            inner: Box::new(inner),
+        })
+    }
+
+    /// Parses and validates a config in the file format.
+    pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
+        let raw: raw::RawConfig =
+            toml::from_str(text).map_err(|e| ConfigError::from_toml(&e, text))?;
+        validate::config(raw)
+    }
+
+    /// The config for listen addresses and upstream servers given on the command line: every
+    /// default, one group named "default" holding all the servers, and no routes, so that
+    /// group takes every request.
+    pub fn from_cli(listen: &[String], upstreams: &[String]) -> Result<Config, ConfigError> {
+        validate::config(raw::RawConfig {
+            listen: Some(raw::Listen(listen.to_vec())),
+            upstream: vec![raw::RawUpstream {
+                name: Some("default".to_owned()),
+                servers: Some(upstreams.to_vec()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+    }
+
+    /// The effective config in the file format, every default written out; loads back to an
+    /// equal `Config` (servers are resolved again).
+    pub fn to_toml(&self) -> String {
+        // Only an integer above i64::MAX, which no file can hold, makes this fail.
+        let body = toml::to_string(&raw::RawConfig::from(self))
+            .unwrap_or_else(|e| format!("# cannot print this config: {e}\n"));
+        let admin_off = match self.admin {
+            None => "# admin is off: add `admin = \"127.0.0.1:9901\"` to turn it on.\n",
+            Some(_) => "",
+        };
+        format!("# Effective kaguard config: every default written out.\n{admin_off}\n{body}")
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -5,6 +5,16 @@
 //! - [`route`]: host and path prefix -> upstream group.
 //! - [`tools`]: `kaguard upstream` and the other helper subcommands.
 
+pub mod access_log;
+pub mod admin;
 pub mod config;
+pub mod downstream;
+pub mod error;
+pub mod metrics;
+pub mod pool;
+pub mod proxy;
+pub mod reuse;
 pub mod route;
+pub mod server;
+pub mod upstream;
 pub mod tools;

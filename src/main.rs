@@ -1,1 +1,128 @@
-fn main() {}
+//! The `kaguard` binary: arguments -> subcommand.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use kaguard::config::{AccessLog, Config};
+use kaguard::tools::upstream::UpstreamArgs;
+
+const EXAMPLES: &str = "\
+Examples:
+  kaguard run --listen 127.0.0.1:8080 --upstream 127.0.0.1:3000
+  kaguard run --config examples/kaguard.toml
+  kaguard check --config examples/kaguard.toml
+  kaguard upstream --listen 127.0.0.1:3000 --preset node";
+
+/// A reverse proxy that does not lose the keep-alive race to its upstreams.
+#[derive(Parser, Debug)]
+#[command(version, about, after_help = EXAMPLES)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the proxy, from a config file or from flags alone.
+    #[command(after_help = "Examples:\n  kaguard run --listen 127.0.0.1:8080 --upstream 127.0.0.1:3000,127.0.0.1:3001\n  kaguard run --config /etc/kaguard.toml --workers 2")]
+    Run(RunArgs),
+    /// Validate a config file and print the effective config, every default filled in.
+    Check {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Run a test upstream server that closes keep-alive connections like app servers do.
+    Upstream(UpstreamArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// Config file (TOML). Without it, --listen and --upstream are required.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["listen", "upstream"])]
+    config: Option<PathBuf>,
+    /// Address to accept clients on (repeatable).
+    #[arg(long, value_name = "ADDR", requires = "upstream")]
+    listen: Vec<String>,
+    /// Upstream servers, comma-separated host:port, all in one group.
+    #[arg(long, value_name = "ADDR[,ADDR...]", value_delimiter = ',', requires = "listen")]
+    upstream: Vec<String>,
+    /// Access log: a file path, "stdout" or "off".
+    #[arg(long, value_name = "PATH")]
+    access_log: Option<String>,
+    /// Admin listener for /metrics and /healthz, e.g. 127.0.0.1:9901.
+    #[arg(long, value_name = "ADDR")]
+    admin: Option<std::net::SocketAddr>,
+    /// Runtime worker threads [default: the number of cores].
+    #[arg(long, value_name = "N")]
+    workers: Option<usize>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt().with_writer(std::io::stderr).with_target(false).init();
+    match cli.command {
+        Command::Check { config } => match Config::from_file(&config) {
+            Ok(config) => {
+                print!("{}", config.to_toml());
+                ExitCode::SUCCESS
+            }
+            Err(err) => fail(err),
+        },
+        Command::Upstream(args) => match runtime(0).and_then(|rt| rt.block_on(kaguard::tools::upstream::run(args))) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => fail(err),
+        },
+        Command::Run(args) => run(args),
+    }
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    let config = match &args.config {
+        Some(path) => Config::from_file(path),
+        None if args.listen.is_empty() => {
+            return fail("run: give --config FILE, or --listen ADDR and --upstream ADDR");
+        }
+        None => Config::from_cli(&args.listen, &args.upstream),
+    };
+    let mut config = match config {
+        Ok(config) => config,
+        Err(err) => return fail(err),
+    };
+    if let Some(log) = args.access_log {
+        config.access_log = match log.as_str() {
+            "off" => AccessLog::Off,
+            "stdout" => AccessLog::Stdout,
+            path => AccessLog::File(path.into()),
+        };
+    }
+    if args.admin.is_some() {
+        config.admin = args.admin;
+    }
+    if let Some(workers) = args.workers.filter(|w| *w > 0) {
+        config.workers = workers;
+    }
+    let rt = match runtime(config.workers) {
+        Ok(rt) => rt,
+        Err(err) => return fail(err),
+    };
+    match rt.block_on(kaguard::server::run(&config)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(err) => fail(err),
+    }
+}
+
+fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if workers > 0 {
+        builder.worker_threads(workers);
+    }
+    builder.enable_all().build()
+}
+
+/// Exit code 2 with a one-line reason, for bad configs and ports in use.
+fn fail(err: impl std::fmt::Display) -> ExitCode {
+    eprintln!("kaguard: {err}");
+    ExitCode::from(2)
+}

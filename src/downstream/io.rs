@@ -1,0 +1,242 @@
+//! The client socket as hyper sees it, instrumented: when bytes arrive and leave, and a copy
+//! of each request head long enough to check its framing headers.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+/// What the connection is doing, shared by the socket wrapper, the service and the driver.
+/// All of them run on the connection's one task; atomics only make the struct `Sync`.
+#[derive(Debug)]
+pub(super) struct Tracker {
+    pub(super) accepted: Instant,
+    in_flight: AtomicU32,
+    requests: AtomicU64,
+    /// Nanoseconds since `accepted`; each 0 means "not set".
+    idle_since: AtomicU64,
+    head_started: AtomicU64,
+    write_blocked: AtomicU64,
+    /// A new request head is expected: read bytes are copied to the head recorder.
+    recording: AtomicBool,
+    conflict: AtomicBool,
+}
+
+/// The deadline the driver should wake at, and what it means when it passes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Wait {
+    /// Idle between requests: close gracefully.
+    Idle(Instant),
+    /// A request head is arriving too slowly, or the client does not read our response.
+    Abort(Instant),
+    /// A request is being handled; its own timeouts apply.
+    Busy,
+}
+
+impl Tracker {
+    pub(super) fn new(accepted: Instant) -> Tracker {
+        Tracker {
+            accepted,
+            in_flight: AtomicU32::new(0),
+            requests: AtomicU64::new(0),
+            idle_since: AtomicU64::new(0),
+            head_started: AtomicU64::new(0),
+            write_blocked: AtomicU64::new(0),
+            recording: AtomicBool::new(true),
+            conflict: AtomicBool::new(false),
+        }
+    }
+
+    fn stamp(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.accepted).as_nanos()).unwrap_or(u64::MAX).max(1)
+    }
+
+    fn at(&self, stamp: u64) -> Instant {
+        self.accepted + Duration::from_nanos(stamp)
+    }
+
+    /// A request head was parsed; returns its number on the connection and whether its
+    /// raw head had conflicting framing headers.
+    pub(super) fn begin(&self) -> (u64, bool) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.recording.store(false, Ordering::Relaxed);
+        self.head_started.store(0, Ordering::Relaxed);
+        let n = self.requests.fetch_add(1, Ordering::Relaxed) + 1;
+        (n, self.conflict.swap(false, Ordering::Relaxed))
+    }
+
+    /// A response was written (or abandoned): the connection is idle again.
+    pub(super) fn end(&self) {
+        if self.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
+            self.idle_since.store(self.stamp(Instant::now()), Ordering::Relaxed);
+            self.recording.store(true, Ordering::Relaxed);
+        }
+    }
+
+    pub(super) fn wait(&self, t: &super::Timeouts) -> Wait {
+        if self.in_flight.load(Ordering::Relaxed) > 0 {
+            return match self.write_blocked.load(Ordering::Relaxed) {
+                0 => Wait::Busy,
+                s => Wait::Abort(self.at(s) + t.send),
+            };
+        }
+        match self.head_started.load(Ordering::Relaxed) {
+            0 => {}
+            s => return Wait::Abort(self.at(s) + t.header),
+        }
+        match self.idle_since.load(Ordering::Relaxed) {
+            // Before the first request, a client gets the header timeout, as in nginx.
+            0 => Wait::Abort(self.accepted + t.header),
+            s => Wait::Idle(self.at(s) + t.idle_hold),
+        }
+    }
+}
+
+/// The copy of a request head as it arrives, until its end is seen.
+#[derive(Debug, Default)]
+struct HeadRecorder {
+    buf: Vec<u8>,
+}
+
+/// Headers a client may send before hyper refuses the head; httparse needs room for them.
+const MAX_HEADERS: usize = 100;
+
+impl HeadRecorder {
+    /// Feeds read bytes; returns `Some(conflict)` once the head is complete.
+    fn feed(&mut self, data: &[u8], limit: usize) -> Option<bool> {
+        if self.buf.is_empty()
+            && let Some(end) = head_end(data)
+        {
+            return Some(conflicting_framing(&data[..end]));
+        }
+        self.buf.extend_from_slice(data);
+        if let Some(end) = head_end(&self.buf) {
+            let conflict = conflicting_framing(&self.buf[..end]);
+            self.buf = Vec::new();
+            return Some(conflict);
+        }
+        if self.buf.len() > limit {
+            // hyper answers 431 for this head; nothing left to check.
+            self.buf = Vec::new();
+            return Some(false);
+        }
+        None
+    }
+}
+
+fn head_end(data: &[u8]) -> Option<usize> {
+    memchr::memmem::find(data, b"\r\n\r\n").map(|at| at + 4)
+}
+
+/// Whether a request head carries both Content-Length and Transfer-Encoding. hyper resolves
+/// that case itself (Transfer-Encoding wins) without telling the service, but a message
+/// framed two ways is the raw material of request smuggling, so kaguard refuses it.
+fn conflicting_framing(head: &[u8]) -> bool {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    if req.parse(head).is_err() {
+        return false;
+    }
+    let has = |name: &str| req.headers.iter().any(|h| h.name.eq_ignore_ascii_case(name));
+    has("transfer-encoding") && has("content-length")
+}
+
+pub(super) struct DownstreamIo {
+    stream: TcpStream,
+    tracker: Arc<Tracker>,
+    head: HeadRecorder,
+    head_limit: usize,
+}
+
+impl DownstreamIo {
+    pub(super) fn new(stream: TcpStream, tracker: Arc<Tracker>, head_limit: usize) -> DownstreamIo {
+        DownstreamIo { stream, tracker, head: HeadRecorder::default(), head_limit }
+    }
+
+    fn note_write<T>(&self, res: &Poll<T>) {
+        let t = &self.tracker;
+        match res {
+            Poll::Pending if t.write_blocked.load(Ordering::Relaxed) == 0 => {
+                t.write_blocked.store(t.stamp(Instant::now()), Ordering::Relaxed)
+            }
+            Poll::Ready(_) => t.write_blocked.store(0, Ordering::Relaxed),
+            Poll::Pending => {}
+        }
+    }
+}
+
+impl AsyncRead for DownstreamIo {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let res = Pin::new(&mut self.stream).poll_read(cx, buf);
+        let this = &mut *self;
+        let t = &this.tracker;
+        if buf.filled().len() > before && t.recording.load(Ordering::Relaxed) {
+            if t.head_started.load(Ordering::Relaxed) == 0 {
+                t.head_started.store(t.stamp(Instant::now()), Ordering::Relaxed);
+            }
+            if let Some(conflict) = this.head.feed(&buf.filled()[before..], this.head_limit) {
+                t.conflict.store(conflict, Ordering::Relaxed);
+                t.recording.store(false, Ordering::Relaxed);
+            }
+        }
+        res
+    }
+}
+
+impl AsyncWrite for DownstreamIo {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let res = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.note_write(&res);
+        res
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let res = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.note_write(&res);
+        res
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let res = Pin::new(&mut self.stream).poll_flush(cx);
+        self.note_write(&res);
+        res
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_framing_headers_are_a_conflict() {
+        let head = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert!(conflicting_framing(head));
+        assert!(!conflicting_framing(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\n"));
+    }
+
+    #[test]
+    fn head_split_across_reads_is_checked_once_complete() {
+        let mut rec = HeadRecorder::default();
+        assert_eq!(rec.feed(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n", 1024), None);
+        assert_eq!(rec.feed(b"Content-Length: 3\r\n\r\nabc", 1024), Some(true));
+        assert!(rec.buf.is_empty());
+    }
+}

@@ -1,0 +1,190 @@
+//! Prometheus metrics. Names and labels are a contract, pinned by a test.
+//!
+//! Every series a request touches is created at start-up and kept as a handle, so the
+//! request path only increments atomics: no label lookup, no allocation.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::reuse::Reason;
+
+type Labels = Vec<(&'static str, String)>;
+
+/// Series of one upstream server.
+#[derive(Clone, Debug)]
+pub struct ServerMetrics {
+    pub opened: Counter,
+    pub connect_failed: Counter,
+    pub reused: Counter,
+    closed: Vec<Counter>,
+}
+
+impl ServerMetrics {
+    pub fn closed(&self, reason: Reason) -> &Counter {
+        &self.closed[reason.index()]
+    }
+}
+
+/// Series of one upstream group.
+#[derive(Clone, Debug)]
+pub struct GroupMetrics {
+    requests: [Counter; 5],
+    pub pool_idle: Gauge,
+    pub pool_in_use: Gauge,
+    pub servers: Vec<ServerMetrics>,
+}
+
+impl GroupMetrics {
+    /// Counts a finished request by status class (1xx..5xx).
+    pub fn request(&self, status: u16) {
+        let class = usize::from(status / 100).clamp(1, 5) - 1;
+        self.requests[class].inc();
+    }
+}
+
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<Labels, Counter>,
+    opened: Family<Labels, Counter>,
+    connect_failed: Family<Labels, Counter>,
+    reused: Family<Labels, Counter>,
+    closed: Family<Labels, Counter>,
+    idle: Family<Labels, Gauge>,
+    in_use: Family<Labels, Gauge>,
+    pub downstream_active: Gauge,
+    pub downstream_accepted: Counter,
+    pub access_log_dropped: Counter,
+    /// Requests answered without an upstream (no route, bad request), by status class.
+    pub local: GroupMetrics,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("kaguard");
+        let requests = Family::<Labels, Counter>::default();
+        registry.register("requests", "Requests answered, by upstream group and status class", requests.clone());
+        let opened = Family::<Labels, Counter>::default();
+        registry.register("upstream_connections_opened", "Upstream connections opened", opened.clone());
+        let connect_failed = Family::<Labels, Counter>::default();
+        registry.register("upstream_connect_failures", "Upstream connects that failed", connect_failed.clone());
+        let reused = Family::<Labels, Counter>::default();
+        registry.register("upstream_reuses", "Requests sent on a reused upstream connection", reused.clone());
+        let closed = Family::<Labels, Counter>::default();
+        registry.register("upstream_connections_closed", "Upstream connections closed, by reason", closed.clone());
+        let idle = Family::<Labels, Gauge>::default();
+        registry.register("upstream_pool_idle", "Idle pooled upstream connections", idle.clone());
+        let in_use = Family::<Labels, Gauge>::default();
+        registry.register("upstream_pool_in_use", "Upstream connections carrying a request", in_use.clone());
+        let downstream_active = Gauge::default();
+        registry.register("downstream_connections_active", "Open client connections", downstream_active.clone());
+        let downstream_accepted = Counter::default();
+        registry.register("downstream_connections", "Client connections accepted", downstream_accepted.clone());
+        let access_log_dropped = Counter::default();
+        registry.register("access_log_dropped", "Access log lines dropped because the writer fell behind", access_log_dropped.clone());
+        let mut metrics = Metrics {
+            registry,
+            requests,
+            opened,
+            connect_failed,
+            reused,
+            closed,
+            idle,
+            in_use,
+            downstream_active,
+            downstream_accepted,
+            access_log_dropped,
+            local: GroupMetrics {
+                requests: Default::default(),
+                pool_idle: Gauge::default(),
+                pool_in_use: Gauge::default(),
+                servers: vec![],
+            },
+        };
+        metrics.local = metrics.group("-", &[]);
+        metrics
+    }
+
+    /// Creates the series of one group and its servers.
+    pub fn group(&self, group: &str, servers: &[String]) -> GroupMetrics {
+        let g = || vec![("upstream", group.to_string())];
+        let requests = CLASSES.map(|class| {
+            let mut labels = g();
+            labels.push(("status_class", class.to_string()));
+            self.requests.get_or_create(&labels).clone()
+        });
+        let servers: Vec<ServerMetrics> = servers
+            .iter()
+            .map(|server| {
+                let labels = || vec![("upstream", group.to_string()), ("server", server.clone())];
+                ServerMetrics {
+                    opened: self.opened.get_or_create(&labels()).clone(),
+                    connect_failed: self.connect_failed.get_or_create(&labels()).clone(),
+                    reused: self.reused.get_or_create(&labels()).clone(),
+                    closed: Reason::ALL
+                        .iter()
+                        .map(|reason| {
+                            let mut l = labels();
+                            l.push(("reason", reason.as_str().to_string()));
+                            self.closed.get_or_create(&l).clone()
+                        })
+                        .collect(),
+                }
+            })
+            .collect();
+        let (pool_idle, pool_in_use) = if servers.is_empty() {
+            (Gauge::default(), Gauge::default())
+        } else {
+            (self.idle.get_or_create(&g()).clone(), self.in_use.get_or_create(&g()).clone())
+        };
+        GroupMetrics { requests, pool_idle, pool_in_use, servers }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
+
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metric_names_are_stable() {
+        let metrics = Metrics::new();
+        let group = metrics.group("app", &["127.0.0.1:8000".to_string()]);
+        group.request(200);
+        group.servers[0].opened.inc();
+        group.servers[0].closed(Reason::IdleTimeout).inc();
+        let text = metrics.render();
+        for line in [
+            r#"kaguard_requests_total{upstream="app",status_class="2xx"} 1"#,
+            r#"kaguard_upstream_connections_opened_total{upstream="app",server="127.0.0.1:8000"} 1"#,
+            r#"kaguard_upstream_connections_closed_total{upstream="app",server="127.0.0.1:8000",reason="idle_timeout"} 1"#,
+            r#"kaguard_upstream_reuses_total{upstream="app",server="127.0.0.1:8000"} 0"#,
+            r#"kaguard_upstream_connect_failures_total{upstream="app",server="127.0.0.1:8000"} 0"#,
+            r#"kaguard_upstream_pool_idle{upstream="app"} 0"#,
+            r#"kaguard_upstream_pool_in_use{upstream="app"} 0"#,
+            "kaguard_downstream_connections_active 0",
+            "kaguard_downstream_connections_total 0",
+            "kaguard_access_log_dropped_total 0",
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
+    }
+}

@@ -1,0 +1,341 @@
+//! Bodies crossing the proxy: the request body going up, the response body coming down.
+//!
+//! Both stream frame by frame; neither is ever held whole. The request body keeps a bounded
+//! prefix read before the upstream is contacted, so a malformed or oversized small body is
+//! refused before it reaches the upstream.
+
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use tokio::time::{Instant, Sleep};
+
+/// Why a client's request body could not be forwarded.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BodyError {
+    #[error("client intended to send too large body: more than {0} bytes")]
+    TooLarge(u64),
+    #[error("client timed out while reading client request body")]
+    Timeout,
+    #[error("client sent invalid chunked body")]
+    Malformed,
+    #[error("client prematurely closed connection while reading client request body")]
+    Closed,
+}
+
+impl BodyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            BodyError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            BodyError::Timeout => StatusCode::REQUEST_TIMEOUT,
+            BodyError::Malformed => StatusCode::BAD_REQUEST,
+            // nginx's 499: the client went away; nobody reads this status but the log.
+            BodyError::Closed => StatusCode::from_u16(499).expect("499 is in range"),
+        }
+    }
+
+    fn from_hyper(err: &hyper::Error) -> BodyError {
+        if err.is_incomplete_message() || err.is_canceled() || err.is_closed() {
+            BodyError::Closed
+        } else if err.is_timeout() {
+            BodyError::Timeout
+        } else {
+            BodyError::Malformed
+        }
+    }
+}
+
+/// A frame-by-frame timer: `timeout` between two successive frames, like nginx's
+/// `client_body_timeout` and `proxy_read_timeout`.
+struct Gap {
+    timeout: Duration,
+    sleep: Option<Pin<Box<Sleep>>>,
+}
+
+impl Gap {
+    fn new(timeout: Duration) -> Gap {
+        Gap { timeout, sleep: None }
+    }
+
+    /// Polls the timer; arms it on the first pending poll.
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let timeout = self.timeout;
+        let sleep = self.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        sleep.as_mut().poll(cx).is_ready()
+    }
+
+    fn progressed(&mut self) {
+        if let Some(sleep) = self.sleep.as_mut() {
+            sleep.as_mut().reset(Instant::now() + self.timeout);
+        }
+    }
+}
+
+/// The client's request body on its way to the upstream.
+pub struct RequestBody {
+    prefix: Option<Bytes>,
+    rest: Option<Incoming>,
+    trailers: Option<HeaderMap>,
+    limit: u64,
+    received: u64,
+    gap: Gap,
+}
+
+impl RequestBody {
+    pub fn empty() -> RequestBody {
+        RequestBody { prefix: None, rest: None, trailers: None, limit: 0, received: 0, gap: Gap::new(Duration::MAX) }
+    }
+
+    /// Reads up to `keep` bytes of `incoming` before anything is sent upstream. `limit` is
+    /// the largest body accepted (0: no limit); `timeout` is the longest gap between frames.
+    pub async fn prefetch(
+        mut incoming: Incoming,
+        keep: usize,
+        limit: u64,
+        timeout: Duration,
+    ) -> Result<RequestBody, BodyError> {
+        if let Some(len) = incoming.size_hint().exact()
+            && limit > 0
+            && len > limit
+        {
+            return Err(BodyError::TooLarge(limit));
+        }
+        if incoming.is_end_stream() {
+            return Ok(RequestBody::empty());
+        }
+        let mut buf = BytesMut::new();
+        let mut trailers = None;
+        let mut ended = false;
+        while buf.len() < keep {
+            let frame = match tokio::time::timeout(timeout, incoming.frame()).await {
+                Err(_) => return Err(BodyError::Timeout),
+                Ok(None) => {
+                    ended = true;
+                    break;
+                }
+                Ok(Some(Err(err))) => return Err(BodyError::from_hyper(&err)),
+                Ok(Some(Ok(frame))) => frame,
+            };
+            match frame.into_data() {
+                Ok(data) => {
+                    buf.extend_from_slice(&data);
+                    if limit > 0 && buf.len() as u64 > limit {
+                        return Err(BodyError::TooLarge(limit));
+                    }
+                }
+                Err(frame) => {
+                    trailers = frame.into_trailers().ok();
+                    ended = true;
+                    break;
+                }
+            }
+        }
+        let received = buf.len() as u64;
+        let prefix = (!buf.is_empty()).then(|| buf.freeze());
+        let rest = (!ended && !incoming.is_end_stream()).then_some(incoming);
+        Ok(RequestBody { prefix, rest, trailers, limit, received, gap: Gap::new(timeout) })
+    }
+
+    /// A copy that replays the body from the start, when all of it is held in memory.
+    pub fn replay(&self) -> Option<RequestBody> {
+        if self.rest.is_some() {
+            return None;
+        }
+        Some(RequestBody {
+            prefix: self.prefix.clone(),
+            rest: None,
+            trailers: self.trailers.clone(),
+            limit: self.limit,
+            received: self.received,
+            gap: Gap::new(self.gap.timeout),
+        })
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = &mut *self;
+        if let Some(prefix) = this.prefix.take() {
+            return Poll::Ready(Some(Ok(Frame::data(prefix))));
+        }
+        let Some(rest) = this.rest.as_mut() else {
+            return Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))));
+        };
+        match Pin::new(rest).poll_frame(cx) {
+            Poll::Pending => {
+                if this.gap.poll_expired(cx) {
+                    this.rest = None;
+                    return Poll::Ready(Some(Err(BodyError::Timeout)));
+                }
+                Poll::Pending
+            }
+            Poll::Ready(None) => {
+                this.rest = None;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(err))) => {
+                this.rest = None;
+                Poll::Ready(Some(Err(BodyError::from_hyper(&err))))
+            }
+            Poll::Ready(Some(Ok(frame))) => {
+                this.gap.progressed();
+                if let Some(data) = frame.data_ref() {
+                    this.received += data.len() as u64;
+                    if this.limit > 0 && this.received > this.limit {
+                        this.rest = None;
+                        return Poll::Ready(Some(Err(BodyError::TooLarge(this.limit))));
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.prefix.is_none() && self.trailers.is_none() && self.rest.as_ref().is_none_or(|r| r.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let prefix = self.prefix.as_ref().map_or(0, |p| p.len() as u64);
+        match &self.rest {
+            None => SizeHint::with_exact(prefix),
+            Some(rest) => {
+                let hint = rest.size_hint();
+                let mut out = SizeHint::new();
+                out.set_lower(hint.lower() + prefix);
+                if let Some(upper) = hint.upper() {
+                    out.set_upper(upper + prefix);
+                }
+                out
+            }
+        }
+    }
+}
+
+/// Called once when a response body ends, completely or not.
+pub trait OnEnd: Send + Sync + 'static {
+    fn on_end(self: Box<Self>, complete: bool, body_bytes: u64);
+}
+
+/// The response body on its way to the client.
+pub struct ResponseBody {
+    kind: Kind,
+    on_end: Option<Box<dyn OnEnd>>,
+    sent: u64,
+    /// Dropped with the body, after `on_end` ran: the downstream side's in-flight marker.
+    guard: Option<Box<dyn Send + Sync>>,
+}
+
+enum Kind {
+    Upstream { body: Incoming, gap: Gap },
+    Local(Option<Bytes>),
+}
+
+impl ResponseBody {
+    /// A body kaguard writes itself (errors, admin pages).
+    pub fn local(bytes: impl Into<Bytes>) -> ResponseBody {
+        let bytes = bytes.into();
+        ResponseBody { kind: Kind::Local((!bytes.is_empty()).then_some(bytes)), on_end: None, sent: 0, guard: None }
+    }
+
+    /// The upstream's body, with `read_timeout` between two frames.
+    pub fn upstream(body: Incoming, read_timeout: Duration) -> ResponseBody {
+        ResponseBody { kind: Kind::Upstream { body, gap: Gap::new(read_timeout) }, on_end: None, sent: 0, guard: None }
+    }
+
+    /// Runs `on_end` when the body ends or is dropped.
+    pub fn on_end(mut self, on_end: Box<dyn OnEnd>) -> ResponseBody {
+        self.on_end = Some(on_end);
+        self
+    }
+
+    /// Keeps `guard` alive as long as the body.
+    pub fn guard(mut self, guard: Box<dyn Send + Sync>) -> ResponseBody {
+        self.guard = Some(guard);
+        self
+    }
+
+    fn finish(&mut self, complete: bool) {
+        if let Some(on_end) = self.on_end.take() {
+            on_end.on_end(complete, self.sent);
+        }
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        let complete = self.is_end_stream();
+        self.finish(complete);
+    }
+}
+
+/// The upstream body failed or stalled after the response had started.
+#[derive(Debug, thiserror::Error)]
+pub enum ResponseBodyError {
+    #[error("upstream timed out (110: Connection timed out) while reading upstream")]
+    Timeout,
+    #[error("upstream prematurely closed connection while reading upstream: {0}")]
+    Upstream(#[source] hyper::Error),
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = ResponseBodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ResponseBodyError>>> {
+        let this = &mut *self;
+        let polled = match &mut this.kind {
+            Kind::Local(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Kind::Upstream { body, gap } => match Pin::new(&mut *body).poll_frame(cx) {
+                Poll::Pending if gap.poll_expired(cx) => Poll::Ready(Some(Err(ResponseBodyError::Timeout))),
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(Some(Ok(frame))) => {
+                    gap.progressed();
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                Poll::Ready(Some(Err(err))) => Poll::Ready(Some(Err(ResponseBodyError::Upstream(err)))),
+                Poll::Ready(None) => Poll::Ready(None),
+            },
+        };
+        match ready!(polled) {
+            None => {
+                this.finish(true);
+                Poll::Ready(None)
+            }
+            Some(Err(err)) => {
+                this.finish(false);
+                Poll::Ready(Some(Err(err)))
+            }
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    this.sent += data.len() as u64;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Local(bytes) => bytes.is_none(),
+            Kind::Upstream { body, .. } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Local(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+            Kind::Upstream { body, .. } => body.size_hint(),
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! Header rules at the proxy boundary: hop-by-hop removal both ways, Host, X-Forwarded-*,
+//! X-Request-Id.
+
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::Version;
+
+/// Hop-by-hop headers that never cross the proxy, besides those listed in `Connection`.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+];
+
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Whether a message's `Connection` header carries `token` (case-insensitive).
+pub fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Whether the peer that sent these headers wants the connection kept open afterwards.
+pub fn wants_keep_alive(version: Version, headers: &HeaderMap) -> bool {
+    match version {
+        Version::HTTP_11 => !connection_has(headers, "close"),
+        Version::HTTP_10 => connection_has(headers, "keep-alive") && !connection_has(headers, "close"),
+        _ => false,
+    }
+}
+
+/// Removes `Connection`, every header it names, and the fixed hop-by-hop set.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.eq_ignore_ascii_case("close") && !t.eq_ignore_ascii_case("keep-alive"))
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+        .collect();
+    for name in listed {
+        headers.remove(name);
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// What the request side needs to know about the client.
+pub struct Forwarded<'a> {
+    pub client_ip: IpAddr,
+    /// The Host the client asked for (from `Host` or an absolute-form target).
+    pub host: Option<&'a str>,
+}
+
+/// Turns a client's request headers into the upstream's. Returns the request id.
+pub fn to_upstream(headers: &mut HeaderMap, fwd: &Forwarded<'_>, reuse: bool) -> HeaderValue {
+    remove_hop_by_hop(headers);
+    // kaguard answers `Expect: 100-continue` itself (hyper sends the 100 when the body is
+    // first read), so the upstream never waits for a continue that nobody relays.
+    headers.remove(header::EXPECT);
+
+    let ip = fwd.client_ip.to_string();
+    let xff = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {ip}"),
+        None => ip,
+    };
+    headers.remove(X_FORWARDED_FOR);
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert(X_FORWARDED_FOR, v);
+    }
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    if let Some(host) = fwd.host.and_then(|h| HeaderValue::from_str(h).ok()) {
+        if !headers.contains_key(header::HOST) {
+            headers.insert(header::HOST, host.clone());
+        }
+        headers.insert(X_FORWARDED_HOST, host);
+    }
+    if !reuse {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    match headers.get(X_REQUEST_ID) {
+        Some(id) if !id.is_empty() => id.clone(),
+        _ => {
+            let id = new_request_id();
+            headers.insert(X_REQUEST_ID, id.clone());
+            id
+        }
+    }
+}
+
+/// A random 128-bit id in hex, like nginx's `$request_id`.
+fn new_request_id() -> HeaderValue {
+    let id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+    HeaderValue::from_str(&id).expect("hex is a valid header value")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_listed_headers_are_removed() {
+        let mut h = map(&[
+            ("connection", "close, x-secret"),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("te", "trailers"),
+            ("trailer", "x"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("proxy-authorization", "basic x"),
+            ("proxy-authenticate", "basic"),
+            ("x-kept", "yes"),
+        ]);
+        remove_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h["x-kept"], "yes");
+    }
+
+    #[test]
+    fn forwarded_headers_append_and_set() {
+        let mut h = map(&[("x-forwarded-for", "10.0.0.1"), ("host", "example.com"), ("x-request-id", "abc")]);
+        let fwd = Forwarded { client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST), host: Some("example.com") };
+        let id = to_upstream(&mut h, &fwd, true);
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "example.com");
+        assert_eq!(h["host"], "example.com");
+        assert_eq!(id, "abc");
+        assert!(!h.contains_key("connection"));
+    }
+
+    #[test]
+    fn request_id_is_generated_and_no_reuse_says_close() {
+        let mut h = HeaderMap::new();
+        let fwd = Forwarded { client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST), host: None };
+        let id = to_upstream(&mut h, &fwd, false);
+        assert_eq!(id.len(), 32);
+        assert_eq!(h["x-request-id"], id);
+        assert_eq!(h["connection"], "close");
+    }
+
+    #[test]
+    fn keep_alive_intent_follows_version_rules() {
+        assert!(wants_keep_alive(Version::HTTP_11, &HeaderMap::new()));
+        assert!(!wants_keep_alive(Version::HTTP_11, &map(&[("connection", "Close")])));
+        assert!(!wants_keep_alive(Version::HTTP_10, &HeaderMap::new()));
+        assert!(wants_keep_alive(Version::HTTP_10, &map(&[("connection", "keep-alive")])));
+    }
+}
