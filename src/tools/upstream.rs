@@ -21,8 +21,9 @@
 //! `x-body-bytes`, the request body length read before answering.
 //!
 //! Files: `conn` drives one TCP connection and decides when it closes; `respond` turns one request
-//! into a response; `cli` is the subcommand.
+//! into a response; `body` streams response bodies; `cli` is the subcommand.
 
+mod body;
 mod cli;
 mod conn;
 mod respond;

@@ -199,3 +199,87 @@ fn parse_interval(text: &str) -> Result<Duration, String> {
     }
     Ok(every)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use clap::{CommandFactory, Parser};
+
+    use super::*;
+
+    #[derive(Parser, Debug)]
+    struct Cli {
+        #[command(subcommand)]
+        command: Command,
+    }
+
+    #[derive(clap::Subcommand, Debug)]
+    enum Command {
+        Upstream(UpstreamArgs),
+    }
+
+    fn parse(args: &[&str]) -> UpstreamArgs {
+        let argv = ["kaguard", "upstream"].iter().chain(args);
+        match Cli::try_parse_from(argv).expect("valid flags").command {
+            Command::Upstream(args) => args,
+        }
+    }
+
+    #[test]
+    fn flags_override_the_preset() {
+        let behaviour =
+            parse(&["--preset", "node", "--idle-timeout", "300ms", "--rst"]).behaviour();
+        assert_eq!(
+            behaviour,
+            Behaviour {
+                idle_timeout: Some(Duration::from_millis(300)),
+                close_with_rst: true,
+                ..Behaviour::node()
+            }
+        );
+        let tomcat = parse(&["--preset", "tomcat", "--silent", "--max-requests", "0"]).behaviour();
+        assert_eq!((tomcat.max_requests, tomcat.announce_last), (None, false));
+        assert_eq!(
+            parse(&["--idle-timeout", "none"]).behaviour().idle_timeout,
+            None
+        );
+        assert_eq!(
+            parse(&["--idle-timeout", "0"]).behaviour().idle_timeout,
+            None
+        );
+        assert_eq!(parse(&[]).behaviour(), Behaviour::default());
+    }
+
+    #[test]
+    fn bad_flags_are_refused() {
+        for bad in [
+            &["--status", "101"][..],
+            &["--report-every", "0s"],
+            &["--delay", "soon"],
+        ] {
+            let argv = ["kaguard", "upstream"].iter().chain(bad);
+            assert!(Cli::try_parse_from(argv).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn help_shows_examples_and_overrides() {
+        let mut command = Cli::command();
+        let upstream = command
+            .find_subcommand_mut("upstream")
+            .expect("upstream subcommand");
+        let help = upstream.render_long_help().to_string();
+        assert!(help.contains("kaguard upstream --preset node"), "{help}");
+        assert!(help.contains("close=fin|rst"), "{help}");
+    }
+
+    #[test]
+    fn banner_summarises_the_behaviour() {
+        assert_eq!(
+            Behaviour::tomcat().to_string(),
+            "status=200 body_size=2 delay=0s idle_timeout=1m max_requests=100 last=announced \
+             close=fin hint=off"
+        );
+    }
+}

@@ -1,38 +1,20 @@
-//! One request in, one response out: query overrides, request bodies counted without buffering,
-//! response bodies streamed from one static buffer.
+//! One request in, one response out: query overrides, the request body read and counted without
+//! buffering, headers that tell tests which connection answered and whether it will close.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::header::{CONNECTION, CONTENT_LENGTH, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::Incoming;
 
+use super::body::{Recorder, ResponseBody, Source};
 use super::conn::{Activity, CloseMode, CloseReason};
 use super::{Behaviour, SeenRequest, Shared};
-
-/// Size of one response body chunk, and of the static buffer every chunk is cut from: large
-/// enough that a 1 GiB body is only 16 Ki frames, small enough to sit in the binary for free.
-const FILL_LEN: usize = 64 * 1024;
-
-/// Response body bytes: `OKOK…`, so a 2-byte body reads `OK` and every chunk is the same.
-static FILL: [u8; FILL_LEN] = ok_pattern();
-
-const fn ok_pattern() -> [u8; FILL_LEN] {
-    let mut fill = [b'K'; FILL_LEN];
-    let mut i = 0;
-    while i < FILL_LEN {
-        fill[i] = b'O';
-        i += 2;
-    }
-    fill
-}
 
 const X_UPSTREAM_CONNECTION: HeaderName = HeaderName::from_static("x-upstream-connection");
 const X_UPSTREAM_REQUEST: HeaderName = HeaderName::from_static("x-upstream-request");
@@ -193,11 +175,8 @@ impl Exchange {
         {
             tokio::time::sleep(wants.delay.unwrap_or(behaviour.delay)).await;
             let status = wants.status.or(final_status(behaviour.status));
-            let echo = Source::Echo(Echo {
-                incoming: body,
-                bytes: 0,
-                exchange: self.record_only(),
-            });
+            let recorder = Recorder::new(self.connection, self.request, self.shared.clone());
+            let echo = Source::echo(body, recorder);
             return Ok(self.response(status, echo, None, last, &behaviour));
         }
 
@@ -216,7 +195,7 @@ impl Exchange {
             return Ok(self.response(None, text, Some(body_bytes), last, &behaviour));
         };
         let size = wants.size.unwrap_or(behaviour.body_size as u64);
-        let fill = Source::Fill { remaining: size };
+        let fill = Source::fill(size);
         Ok(self.response(Some(status), fill, Some(body_bytes), last, &behaviour))
     }
 
@@ -239,15 +218,6 @@ impl Exchange {
         result
     }
 
-    /// The part of this exchange an echoed body needs to record its length when done.
-    fn record_only(&self) -> Recorder {
-        Recorder {
-            connection: self.connection,
-            request: self.request,
-            shared: self.shared.clone(),
-        }
-    }
-
     /// `status` None: the behaviour's status is invalid, answered with 500.
     fn response(
         &self,
@@ -258,13 +228,8 @@ impl Exchange {
         behaviour: &Behaviour,
     ) -> Response<ResponseBody> {
         let length = source.length();
-        let mut response = Response::new(ResponseBody {
-            source,
-            _release: Release {
-                activity: self.activity.clone(),
-                last,
-            },
-        });
+        let body = ResponseBody::new(source, self.activity.clone(), last);
+        let mut response = Response::new(body);
         *response.status_mut() = status.unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let headers = response.headers_mut();
         headers.insert(X_UPSTREAM_CONNECTION, HeaderValue::from(self.connection));
@@ -305,137 +270,6 @@ fn keep_alive_hint(behaviour: &Behaviour, request: u64) -> Option<HeaderValue> {
     Some(value)
 }
 
-/// A response body that tells the connection when hyper is done with it.
-pub(super) struct ResponseBody {
-    source: Source,
-    _release: Release,
-}
-
-enum Source {
-    /// `remaining` bytes cut from [`FILL`].
-    Fill {
-        remaining: u64,
-    },
-    Text(Option<Bytes>),
-    Echo(Echo),
-}
-
-impl Source {
-    fn text(text: String) -> Source {
-        Source::Text(Some(Bytes::from(text)).filter(|t| !t.is_empty()))
-    }
-
-    fn length(&self) -> Option<u64> {
-        match self {
-            Source::Fill { remaining } => Some(*remaining),
-            Source::Text(text) => Some(text.as_ref().map_or(0, |t| t.len() as u64)),
-            // hyper takes the length from the request body's size hint when it has one.
-            Source::Echo(_) => None,
-        }
-    }
-}
-
-impl Body for ResponseBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match &mut self.get_mut().source {
-            Source::Fill { remaining } => {
-                if *remaining == 0 {
-                    return Poll::Ready(None);
-                }
-                let n = usize::try_from(*remaining).map_or(FILL_LEN, |r| r.min(FILL_LEN));
-                *remaining -= n as u64;
-                Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(&FILL[..n])))))
-            }
-            Source::Text(text) => Poll::Ready(text.take().map(|t| Ok(Frame::data(t)))),
-            Source::Echo(echo) => echo.poll_frame(cx),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match &self.source {
-            Source::Fill { remaining } => *remaining == 0,
-            Source::Text(text) => text.is_none(),
-            Source::Echo(echo) => echo.incoming.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match &self.source {
-            Source::Echo(echo) => echo.incoming.size_hint(),
-            other => SizeHint::with_exact(other.length().unwrap_or(0)),
-        }
-    }
-}
-
-/// Tells the connection that hyper let go of the response body. hyper drops a body right after
-/// buffering its last frame (or at once, for HEAD and empty bodies), so the next flush puts the
-/// whole response in the kernel.
-struct Release {
-    activity: Arc<Activity>,
-    last: bool,
-}
-
-impl Drop for Release {
-    fn drop(&mut self) {
-        self.activity.response_released(self.last);
-    }
-}
-
-/// Records a request body's length in [`Shared`] once it has been read.
-struct Recorder {
-    connection: u64,
-    request: u64,
-    shared: Arc<Shared>,
-}
-
-/// The request body streamed back as it arrives.
-struct Echo {
-    incoming: Incoming,
-    bytes: u64,
-    exchange: Recorder,
-}
-
-impl Echo {
-    fn poll_frame(
-        &mut self,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        loop {
-            match ready!(Pin::new(&mut self.incoming).poll_frame(cx)) {
-                Some(Ok(frame)) => match frame.into_data() {
-                    Ok(data) => {
-                        self.bytes += data.len() as u64;
-                        return Poll::Ready(Some(Ok(Frame::data(data))));
-                    }
-                    // Request trailers describe the request; they are not echoed.
-                    Err(_trailers) => continue,
-                },
-                Some(Err(error)) => return Poll::Ready(Some(Err(error))),
-                None => return Poll::Ready(None),
-            }
-        }
-    }
-}
-
-/// hyper drops the body when the request body has ended (or the connection failed), which is
-/// when its length is known.
-impl Drop for Echo {
-    fn drop(&mut self) {
-        let Recorder {
-            connection,
-            request,
-            shared,
-        } = &self.exchange;
-        shared.record_body(*connection, *request, self.bytes);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -474,11 +308,5 @@ mod tests {
         ] {
             assert!(Overrides::parse(Some(query)).is_err(), "{query}");
         }
-    }
-
-    #[test]
-    fn fill_reads_ok_from_every_chunk_start() {
-        assert_eq!(&FILL[..2], b"OK");
-        assert_eq!(&FILL[FILL_LEN - 2..], b"OK");
     }
 }

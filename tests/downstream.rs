@@ -1,0 +1,91 @@
+//! Client-side keep-alive: persistence rules, request cap, idle timeout announced and held
+//! a little longer, header timeout.
+
+mod support;
+
+use std::time::Duration;
+
+use kaguard::tools::upstream::Behaviour;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[tokio::test]
+async fn responses_announce_the_idle_timeout() {
+    let up = upstream(Behaviour::default()).await;
+    let kg = start(config(&[up.addr()])).await;
+    let resp = get(kg.addr, "/").await;
+    assert_eq!(header(resp.headers(), "keep-alive"), Some("timeout=620"));
+    assert_eq!(header(resp.headers(), "connection"), None);
+}
+
+#[tokio::test]
+async fn last_request_under_keepalive_requests_says_close_and_closes() {
+    let up = upstream(Behaviour::default()).await;
+    let mut cfg = config(&[up.addr()]);
+    cfg.downstream.keepalive_requests = 3;
+    let kg = start(cfg).await;
+    let mut client = Client::connect(kg.addr).await;
+    for _ in 0..2 {
+        let resp = client.get("/").await;
+        assert_eq!(header(resp.headers(), "connection"), None);
+    }
+    let last = client.get("/").await;
+    assert_eq!(header(last.headers(), "connection"), Some("close"));
+    assert!(client.closed_within(PATIENCE).await, "kaguard kept the connection open");
+}
+
+#[tokio::test]
+async fn client_asking_for_close_gets_close() {
+    let up = upstream(Behaviour::default()).await;
+    let kg = start(config(&[up.addr()])).await;
+    let mut client = Client::connect(kg.addr).await;
+    let req = http::Request::get("/").header("host", "t").header("connection", "close").body(Default::default());
+    let resp = client.send(req.unwrap()).await;
+    assert_eq!(header(resp.headers(), "connection"), Some("close"));
+    assert!(client.closed_within(PATIENCE).await);
+    // The client's Connection header is hop-by-hop: the upstream connection stays pooled.
+    assert_eq!(get(kg.addr, "/").await.status(), 200);
+    assert_eq!(up.connections(), 1);
+}
+
+#[tokio::test]
+async fn idle_client_connection_is_held_past_the_announced_timeout_then_closed() {
+    let up = upstream(Behaviour::default()).await;
+    let mut cfg = config(&[up.addr()]);
+    cfg.downstream.keepalive_timeout = Duration::from_secs(1);
+    let kg = start(cfg).await;
+    let mut client = Client::connect(kg.addr).await;
+    let resp = client.get("/").await;
+    assert_eq!(header(resp.headers(), "keep-alive"), Some("timeout=1"));
+    // A client honoring the hint closes at 1 s; kaguard must still be there a bit later.
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    assert!(!client.closed_within(Duration::ZERO).await, "closed before the grace period");
+    assert_eq!(client.get("/").await.status(), 200);
+    assert!(client.closed_within(PATIENCE).await, "never closed the idle connection");
+}
+
+#[tokio::test]
+async fn slow_request_head_is_cut_off_after_client_header_timeout() {
+    let up = upstream(Behaviour::default()).await;
+    let mut cfg = config(&[up.addr()]);
+    cfg.downstream.client_header_timeout = Duration::from_millis(300);
+    let kg = start(cfg).await;
+    let mut stream = tokio::net::TcpStream::connect(kg.addr).await.unwrap();
+    stream.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n").await.unwrap();
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(PATIENCE, stream.read(&mut buf)).await.expect("closed in time");
+    assert!(matches!(read, Ok(0) | Err(_)), "expected the connection closed, got {read:?}");
+    assert_eq!(up.requests(), 0);
+}
+
+#[tokio::test]
+async fn silent_new_connection_is_closed_after_client_header_timeout() {
+    let up = upstream(Behaviour::default()).await;
+    let mut cfg = config(&[up.addr()]);
+    cfg.downstream.client_header_timeout = Duration::from_millis(300);
+    let kg = start(cfg).await;
+    let mut stream = tokio::net::TcpStream::connect(kg.addr).await.unwrap();
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(PATIENCE, stream.read(&mut buf)).await.expect("closed in time");
+    assert!(matches!(read, Ok(0) | Err(_)));
+}

@@ -1,0 +1,136 @@
+//! Each failure gets its status code and its response flag, and never reaches the upstream
+//! when it should not.
+
+mod support;
+
+use std::time::Duration;
+
+use kaguard::config::RouteConfig;
+use kaguard::tools::upstream::Behaviour;
+use support::*;
+
+async fn flags_of_last(kg: &Kaguard) -> (u64, String, String) {
+    let lines = kg.log_lines(1).await;
+    let last = lines.last().expect("one access log line");
+    (
+        last["status"].as_u64().unwrap(),
+        last["response_flags"].as_str().unwrap().to_string(),
+        last["response_details"].as_str().unwrap().to_string(),
+    )
+}
+
+#[tokio::test]
+async fn connect_refused_is_502_uf() {
+    let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = gone.local_addr().unwrap();
+    drop(gone);
+    let kg = start(config(&[addr])).await;
+    assert_eq!(get(kg.addr, "/").await.status(), 502);
+    let (status, flags, details) = flags_of_last(&kg).await;
+    assert_eq!((status, flags.as_str()), (502, "UF"));
+    assert_eq!(details, "upstream_reset_before_response_started{connection_failure}");
+}
+
+#[tokio::test]
+async fn connect_timeout_is_504_uf() {
+    // A listener that never accepts, with its accept queue full: further SYNs go unanswered.
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.bind(&"127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap().into()).unwrap();
+    sock.listen(0).unwrap();
+    let addr = sock.local_addr().unwrap().as_socket().unwrap();
+    let mut fillers = vec![];
+    for _ in 0..8 {
+        let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(200), tokio::net::TcpStream::connect(addr)).await
+        else {
+            break;
+        };
+        fillers.push(s);
+    }
+    let mut cfg = config(&[addr]);
+    cfg.upstreams[0].connect_timeout = Duration::from_millis(300);
+    let kg = start(cfg).await;
+    assert_eq!(get(kg.addr, "/").await.status(), 504);
+    let (_, flags, details) = flags_of_last(&kg).await;
+    assert_eq!(flags, "UF");
+    assert_eq!(details, "upstream_reset_before_response_started{connection_timeout}");
+}
+
+#[tokio::test]
+async fn upstream_closing_before_response_is_502_uc() {
+    let up = upstream(Behaviour::default()).await;
+    let kg = start(config(&[up.addr()])).await;
+    assert_eq!(get(kg.addr, "/?close=fin").await.status(), 502);
+    let (_, flags, details) = flags_of_last(&kg).await;
+    assert_eq!(flags, "UC");
+    assert_eq!(details, "upstream_reset_before_response_started{connection_termination}");
+}
+
+#[tokio::test]
+async fn upstream_reset_before_response_is_502_uc() {
+    let up = upstream(Behaviour::default()).await;
+    let kg = start(config(&[up.addr()])).await;
+    assert_eq!(get(kg.addr, "/?close=rst").await.status(), 502);
+    let (_, flags, _) = flags_of_last(&kg).await;
+    assert_eq!(flags, "UC");
+}
+
+#[tokio::test]
+async fn slow_upstream_is_504_ut() {
+    let up = upstream(Behaviour::default()).await;
+    let mut cfg = config(&[up.addr()]);
+    cfg.upstreams[0].read_timeout = Duration::from_millis(200);
+    let kg = start(cfg).await;
+    assert_eq!(get(kg.addr, "/?delay=2s").await.status(), 504);
+    let (_, flags, details) = flags_of_last(&kg).await;
+    assert_eq!(flags, "UT");
+    assert_eq!(details, "upstream_response_timeout");
+}
+
+#[tokio::test]
+async fn unparseable_request_is_400() {
+    let up = upstream(Behaviour::default()).await;
+    let kg = start(config(&[up.addr()])).await;
+    let out = raw(kg.addr, b"NOT HTTP AT ALL\r\n\r\n").await;
+    assert_eq!(status_of(&out), Some(400), "{out}");
+    assert_eq!(up.requests(), 0);
+}
+
+#[tokio::test]
+async fn oversized_headers_are_431() {
+    let up = upstream(Behaviour::default()).await;
+    let kg = start(config(&[up.addr()])).await;
+    let big = "a".repeat(40 * 1024);
+    let req = format!("GET / HTTP/1.1\r\nHost: t\r\nX-Big: {big}\r\n\r\n");
+    let out = raw(kg.addr, req.as_bytes()).await;
+    assert_eq!(status_of(&out), Some(431), "{}", &out[..out.len().min(200)]);
+    assert_eq!(up.requests(), 0);
+}
+
+#[tokio::test]
+async fn body_over_the_limit_is_413_and_never_reaches_upstream() {
+    let up = upstream(Behaviour::default()).await;
+    let mut cfg = config(&[up.addr()]);
+    cfg.downstream.max_body_size = 10;
+    let kg = start(cfg).await;
+    let body = "x".repeat(100);
+    let with_length = format!("POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n{body}");
+    assert_eq!(status_of(&raw(kg.addr, with_length.as_bytes()).await), Some(413));
+    let chunked = format!("POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n64\r\n{body}\r\n0\r\n\r\n");
+    assert_eq!(status_of(&raw(kg.addr, chunked.as_bytes()).await), Some(413));
+    assert_eq!(up.requests(), 0);
+}
+
+#[tokio::test]
+async fn request_without_a_route_is_404_nr() {
+    let up = upstream(Behaviour::default()).await;
+    let mut cfg = config(&[up.addr()]);
+    cfg.routes = vec![RouteConfig { host: Some("app.example".into()), path_prefix: "/".into(), upstream: "default".into() }];
+    let kg = start(cfg).await;
+    assert_eq!(get(kg.addr, "/").await.status(), 404);
+    let (_, flags, _) = flags_of_last(&kg).await;
+    assert_eq!(flags, "NR");
+    let mut client = Client::connect(kg.addr).await;
+    let req = http::Request::get("/").header("host", "app.example:8080").body(Default::default()).unwrap();
+    assert_eq!(client.send(req).await.status(), 200);
+    assert_eq!(up.requests(), 1);
+}

@@ -1,0 +1,181 @@
+//! Test support: kaguard and test upstreams in-process on 127.0.0.1 port 0, real clients.
+#![allow(dead_code, unreachable_pub)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use kaguard::config::{AccessLog, Config};
+use kaguard::server::Running;
+use kaguard::tools::upstream::{Behaviour, TestUpstream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Every wait in the tests is bounded by this; generous because CI has two busy cores.
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+pub async fn upstream(behaviour: Behaviour) -> TestUpstream {
+    TestUpstream::start("127.0.0.1:0".parse().unwrap(), behaviour).await.expect("test upstream starts")
+}
+
+/// A config with every default, one group "default" holding `servers`.
+pub fn config(servers: &[SocketAddr]) -> Config {
+    let servers: Vec<String> = servers.iter().map(|a| a.to_string()).collect();
+    Config::from_cli(&["127.0.0.1:0".to_string()], &servers).expect("valid config")
+}
+
+pub struct Kaguard {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub log: PathBuf,
+    running: Option<Running>,
+}
+
+static LOG_SERIAL: AtomicU64 = AtomicU64::new(0);
+
+/// Starts kaguard with `config`, an admin listener and an access log in a temp file.
+pub async fn start(mut config: Config) -> Kaguard {
+    let log = std::env::temp_dir().join(format!(
+        "kaguard-test-{}-{}.log",
+        std::process::id(),
+        LOG_SERIAL.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_file(&log);
+    config.access_log = AccessLog::File(log.clone());
+    config.admin = Some("127.0.0.1:0".parse().unwrap());
+    let running = kaguard::server::start(&config).await.expect("kaguard starts");
+    Kaguard { addr: running.listen[0], admin: running.admin.unwrap(), log, running: Some(running) }
+}
+
+impl Kaguard {
+    pub async fn shutdown(&mut self) -> bool {
+        self.running.take().expect("running").shutdown().await
+    }
+
+    /// The Prometheus text from the admin listener.
+    pub async fn metrics(&self) -> String {
+        let resp = get(self.admin, "/metrics").await;
+        String::from_utf8(resp.body().to_vec()).unwrap()
+    }
+
+    /// The value of one series, 0 if absent.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self.metrics().await;
+        text.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+            .map(|v| v.trim().parse().unwrap())
+            .unwrap_or(0.0)
+    }
+
+    /// Access log lines written so far, parsed; waits (bounded) until at least `n` exist.
+    pub async fn log_lines(&self, n: usize) -> Vec<serde_json::Value> {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let lines: Vec<serde_json::Value> =
+                text.lines().map(|l| serde_json::from_str(l).expect("each line is JSON")).collect();
+            if lines.len() >= n || tokio::time::Instant::now() > deadline {
+                return lines;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Kaguard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// A keep-alive client connection.
+pub struct Client {
+    sender: http1::SendRequest<Full<Bytes>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Client {
+    pub async fn connect(addr: SocketAddr) -> Client {
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        let (sender, conn) = http1::handshake(TokioIo::new(stream)).await.expect("handshake");
+        let task = tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Client { sender, task }
+    }
+
+    pub async fn send(&mut self, req: Request<Full<Bytes>>) -> Response<Bytes> {
+        tokio::time::timeout(PATIENCE, async {
+            self.sender.ready().await.expect("connection ready");
+            let resp = self.sender.send_request(req).await.expect("response");
+            let (parts, body) = resp.into_parts();
+            let body = body.collect().await.expect("body").to_bytes();
+            Response::from_parts(parts, body)
+        })
+        .await
+        .expect("request finishes in time")
+    }
+
+    pub async fn get(&mut self, path: &str) -> Response<Bytes> {
+        self.send(Request::get(path).header("host", "test").body(Full::default()).unwrap()).await
+    }
+
+    pub async fn post(&mut self, path: &str, body: &'static [u8]) -> Response<Bytes> {
+        let req = Request::post(path).header("host", "test").body(Full::new(Bytes::from_static(body))).unwrap();
+        self.send(req).await
+    }
+
+    /// Whether the server closed the connection, waiting up to `within`.
+    pub async fn closed_within(&mut self, within: Duration) -> bool {
+        tokio::time::timeout(within, async {
+            while !self.task.is_finished() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .is_ok()
+    }
+}
+
+/// One GET on a new connection.
+pub async fn get(addr: SocketAddr, path: &str) -> Response<Bytes> {
+    Client::connect(addr).await.get(path).await
+}
+
+/// Writes raw bytes on a new connection and returns everything read until the server
+/// closes or goes quiet for a while.
+pub async fn raw(addr: SocketAddr, request: &[u8]) -> String {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(request).await.expect("write");
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(Duration::from_millis(1500), stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+pub fn status_of(raw: &str) -> Option<u16> {
+    raw.split(' ').nth(1)?.parse().ok()
+}
+
+pub fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+pub fn empty() -> Empty<Bytes> {
+    Empty::new()
+}
+
+pub fn ok(status: StatusCode) -> bool {
+    status.is_success()
+}
