@@ -88,7 +88,13 @@ impl Writer {
 impl AccessLog {
     /// No log at all.
     pub fn off() -> (AccessLog, Writer) {
-        (AccessLog { tx: None, dropped: Counter::default() }, Writer(None))
+        (
+            AccessLog {
+                tx: None,
+                dropped: Counter::default(),
+            },
+            Writer(None),
+        )
     }
 
     /// Log to a file (appending) or to standard output when `path` is None.
@@ -101,7 +107,13 @@ impl AccessLog {
         let handle = std::thread::Builder::new()
             .name("kaguard-access-log".into())
             .spawn(move || write_lines(rx, out))?;
-        Ok((AccessLog { tx: Some(tx), dropped }, Writer(Some(handle))))
+        Ok((
+            AccessLog {
+                tx: Some(tx),
+                dropped,
+            },
+            Writer(Some(handle)),
+        ))
     }
 
     pub fn write(&self, entry: Entry) {
@@ -136,7 +148,12 @@ mod tests {
     #[test]
     fn field_names_are_stable() {
         let value = serde_json::to_value(Entry::default()).expect("serializes");
-        let mut keys: Vec<&str> = value.as_object().expect("object").keys().map(String::as_str).collect();
+        let mut keys: Vec<&str> = value
+            .as_object()
+            .expect("object")
+            .keys()
+            .map(String::as_str)
+            .collect();
         keys.sort_unstable();
         assert_eq!(
             keys,
@@ -158,8 +175,8 @@ mod tests {
                 "upstream_addr",
                 "upstream_connect_time",
                 "upstream_connection_idle_ms",
-                "upstream_connection_reused",
                 "upstream_connection_requests",
+                "upstream_connection_reused",
                 "upstream_response_time",
                 "upstream_status",
             ]

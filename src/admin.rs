@@ -30,20 +30,35 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: Arc<S
                 let resp = answer(&req, &metrics, &shutdown);
                 async move { Ok::<_, Infallible>(resp) }
             });
-            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
         });
     }
 }
 
-fn answer(req: &Request<Incoming>, metrics: &Metrics, shutdown: &Shutdown) -> Response<ResponseBody> {
+fn answer(
+    req: &Request<Incoming>,
+    metrics: &Metrics,
+    shutdown: &Shutdown,
+) -> Response<ResponseBody> {
     let (status, content_type, body) = match req.uri().path() {
-        "/metrics" => (StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", metrics.render()),
-        "/healthz" if shutdown.is_begun() => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n".into()),
+        "/metrics" => (
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            metrics.render(),
+        ),
+        "/healthz" if shutdown.is_begun() => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "draining\n".into(),
+        ),
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".into()),
         _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     };
     let mut resp = Response::new(ResponseBody::local(body));
     *resp.status_mut() = status;
-    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     resp
 }

@@ -159,7 +159,9 @@ impl Downstream {
             Some(Err(err)) if err.is_parse() => {
                 tracing::info!(client = %addr.ip(), "client sent invalid request: {err}");
             }
-            Some(Err(err)) => tracing::debug!(client = %addr.ip(), "client connection ended: {err}"),
+            Some(Err(err)) => {
+                tracing::debug!(client = %addr.ip(), "client connection ended: {err}")
+            }
             Some(Ok(())) => {}
             None => tracing::info!(client = %addr.ip(), "client timed out"),
         }
@@ -175,7 +177,12 @@ impl Downstream {
     ) -> Response<ResponseBody> {
         let (requests, conflicting_framing) = tracker.begin();
         let keep_alive = headers::wants_keep_alive(req.version(), req.headers());
-        let client = Client { addr, connection: serial, requests, conflicting_framing };
+        let client = Client {
+            addr,
+            connection: serial,
+            requests,
+            conflicting_framing,
+        };
         let resp = self.proxy.handle(req, client).await;
         let (mut parts, body) = resp.into_parts();
         let last = !keep_alive
@@ -184,9 +191,13 @@ impl Downstream {
             || tracker.accepted.elapsed() >= self.keepalive_time
             || self.shutdown.is_begun();
         if last {
-            parts.headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
         } else {
-            parts.headers.insert(HeaderName::from_static("keep-alive"), self.hint.clone());
+            parts
+                .headers
+                .insert(HeaderName::from_static("keep-alive"), self.hint.clone());
         }
         Response::from_parts(parts, body.guard(Box::new(InFlight(tracker))))
     }

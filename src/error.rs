@@ -23,9 +23,9 @@ pub enum Transport {
 impl Transport {
     pub fn from_io(err: &io::Error) -> Transport {
         match err.kind() {
-            io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted | io::ErrorKind::BrokenPipe => {
-                Transport::Reset
-            }
+            io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe => Transport::Reset,
             io::ErrorKind::UnexpectedEof => Transport::Eof,
             _ => Transport::Other,
         }
@@ -48,7 +48,9 @@ pub enum Failure {
     #[error("{}", no_response_text(*.transport))]
     NoResponse { reused: bool, transport: Transport },
     /// The upstream went quiet for longer than `read_timeout` before the response head.
-    #[error("upstream timed out (110: Connection timed out) while reading response header from upstream")]
+    #[error(
+        "upstream timed out (110: Connection timed out) while reading response header from upstream"
+    )]
     ReadTimeout(Duration),
     /// The upstream sent bytes that are not a valid HTTP/1 response head.
     #[error("upstream sent invalid header while reading response header from upstream")]
@@ -74,8 +76,12 @@ fn os_text(err: &io::Error) -> String {
 
 fn no_response_text(transport: Transport) -> &'static str {
     match transport {
-        Transport::Eof => "upstream prematurely closed connection while reading response header from upstream",
-        Transport::Reset => "recv() failed (104: Connection reset by peer) while reading response header from upstream",
+        Transport::Eof => {
+            "upstream prematurely closed connection while reading response header from upstream"
+        }
+        Transport::Reset => {
+            "recv() failed (104: Connection reset by peer) while reading response header from upstream"
+        }
         Transport::Other => "upstream failed while reading response header from upstream",
     }
 }
@@ -104,16 +110,22 @@ impl Failure {
     pub fn details(&self) -> &'static str {
         match self {
             Failure::Connect(_) => "upstream_reset_before_response_started{connection_failure}",
-            Failure::ConnectTimeout(_) => "upstream_reset_before_response_started{connection_timeout}",
-            Failure::NotSent { .. } | Failure::NoResponse { transport: Transport::Eof, .. } => {
-                "upstream_reset_before_response_started{connection_termination}"
+            Failure::ConnectTimeout(_) => {
+                "upstream_reset_before_response_started{connection_timeout}"
             }
-            Failure::NoResponse { transport: Transport::Reset, .. } => {
-                "upstream_reset_before_response_started{remote_reset}"
-            }
-            Failure::NoResponse { transport: Transport::Other, .. } => {
-                "upstream_reset_before_response_started{protocol_error}"
-            }
+            Failure::NotSent { .. }
+            | Failure::NoResponse {
+                transport: Transport::Eof,
+                ..
+            } => "upstream_reset_before_response_started{connection_termination}",
+            Failure::NoResponse {
+                transport: Transport::Reset,
+                ..
+            } => "upstream_reset_before_response_started{remote_reset}",
+            Failure::NoResponse {
+                transport: Transport::Other,
+                ..
+            } => "upstream_reset_before_response_started{protocol_error}",
             Failure::ReadTimeout(_) => "upstream_response_timeout",
             Failure::InvalidResponse => "upstream_reset_before_response_started{protocol_error}",
             Failure::RequestBody(_) => "downstream_remote_disconnect",
@@ -122,7 +134,10 @@ impl Failure {
 
     /// Whether the failure happened on a connection taken from the pool.
     pub fn on_reused(&self) -> bool {
-        matches!(self, Failure::NotSent { reused: true } | Failure::NoResponse { reused: true, .. })
+        matches!(
+            self,
+            Failure::NotSent { reused: true } | Failure::NoResponse { reused: true, .. }
+        )
     }
 }
 
@@ -135,26 +150,43 @@ mod tests {
         let err = io::Error::from_raw_os_error(111);
         let failure = Failure::Connect(err);
         assert_eq!(failure.status(), StatusCode::BAD_GATEWAY);
-        assert!(failure.to_string().starts_with("connect() failed (111: Connection refused) while"), "{failure}");
+        assert!(
+            failure
+                .to_string()
+                .starts_with("connect() failed (111: Connection refused) while"),
+            "{failure}"
+        );
         assert_eq!(failure.flag(), "UF");
     }
 
     #[test]
     fn premature_close_reads_like_nginx_and_envoy() {
-        let failure = Failure::NoResponse { reused: true, transport: Transport::Eof };
+        let failure = Failure::NoResponse {
+            reused: true,
+            transport: Transport::Eof,
+        };
         assert_eq!(
             failure.to_string(),
             "upstream prematurely closed connection while reading response header from upstream"
         );
-        assert_eq!(failure.details(), "upstream_reset_before_response_started{connection_termination}");
+        assert_eq!(
+            failure.details(),
+            "upstream_reset_before_response_started{connection_termination}"
+        );
         assert_eq!(failure.flag(), "UC");
         assert!(failure.on_reused());
     }
 
     #[test]
     fn timeouts_are_504() {
-        assert_eq!(Failure::ConnectTimeout(Duration::from_secs(1)).status(), StatusCode::GATEWAY_TIMEOUT);
-        assert_eq!(Failure::ReadTimeout(Duration::from_secs(1)).status(), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(
+            Failure::ConnectTimeout(Duration::from_secs(1)).status(),
+            StatusCode::GATEWAY_TIMEOUT
+        );
+        assert_eq!(
+            Failure::ReadTimeout(Duration::from_secs(1)).status(),
+            StatusCode::GATEWAY_TIMEOUT
+        );
         assert_eq!(Failure::ReadTimeout(Duration::from_secs(1)).flag(), "UT");
     }
 }

@@ -16,5 +16,5 @@ pub mod proxy;
 pub mod reuse;
 pub mod route;
 pub mod server;
-pub mod upstream;
 pub mod tools;
+pub mod upstream;

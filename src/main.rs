@@ -25,7 +25,9 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the proxy, from a config file or from flags alone.
-    #[command(after_help = "Examples:\n  kaguard run --listen 127.0.0.1:8080 --upstream 127.0.0.1:3000,127.0.0.1:3001\n  kaguard run --config /etc/kaguard.toml --workers 2")]
+    #[command(
+        after_help = "Examples:\n  kaguard run --listen 127.0.0.1:8080 --upstream 127.0.0.1:3000,127.0.0.1:3001\n  kaguard run --config /etc/kaguard.toml --workers 2"
+    )]
     Run(RunArgs),
     /// Validate a config file and print the effective config, every default filled in.
     Check {
@@ -45,7 +47,12 @@ struct RunArgs {
     #[arg(long, value_name = "ADDR", requires = "upstream")]
     listen: Vec<String>,
     /// Upstream servers, comma-separated host:port, all in one group.
-    #[arg(long, value_name = "ADDR[,ADDR...]", value_delimiter = ',', requires = "listen")]
+    #[arg(
+        long,
+        value_name = "ADDR[,ADDR...]",
+        value_delimiter = ',',
+        requires = "listen"
+    )]
     upstream: Vec<String>,
     /// Access log: a file path, "stdout" or "off".
     #[arg(long, value_name = "PATH")]
@@ -60,7 +67,10 @@ struct RunArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt().with_writer(std::io::stderr).with_target(false).init();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
     match cli.command {
         Command::Check { config } => match Config::from_file(&config) {
             Ok(config) => {
@@ -69,10 +79,12 @@ fn main() -> ExitCode {
             }
             Err(err) => fail(err),
         },
-        Command::Upstream(args) => match runtime(0).and_then(|rt| rt.block_on(kaguard::tools::upstream::run(args))) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(err) => fail(err),
-        },
+        Command::Upstream(args) => {
+            match runtime(0).and_then(|rt| rt.block_on(kaguard::tools::upstream::run(args))) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => fail(err),
+            }
+        }
         Command::Run(args) => run(args),
     }
 }

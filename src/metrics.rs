@@ -73,25 +73,65 @@ impl Metrics {
     pub fn new() -> Metrics {
         let mut registry = Registry::with_prefix("kaguard");
         let requests = Family::<Labels, Counter>::default();
-        registry.register("requests", "Requests answered, by upstream group and status class", requests.clone());
+        registry.register(
+            "requests",
+            "Requests answered, by upstream group and status class",
+            requests.clone(),
+        );
         let opened = Family::<Labels, Counter>::default();
-        registry.register("upstream_connections_opened", "Upstream connections opened", opened.clone());
+        registry.register(
+            "upstream_connections_opened",
+            "Upstream connections opened",
+            opened.clone(),
+        );
         let connect_failed = Family::<Labels, Counter>::default();
-        registry.register("upstream_connect_failures", "Upstream connects that failed", connect_failed.clone());
+        registry.register(
+            "upstream_connect_failures",
+            "Upstream connects that failed",
+            connect_failed.clone(),
+        );
         let reused = Family::<Labels, Counter>::default();
-        registry.register("upstream_reuses", "Requests sent on a reused upstream connection", reused.clone());
+        registry.register(
+            "upstream_reuses",
+            "Requests sent on a reused upstream connection",
+            reused.clone(),
+        );
         let closed = Family::<Labels, Counter>::default();
-        registry.register("upstream_connections_closed", "Upstream connections closed, by reason", closed.clone());
+        registry.register(
+            "upstream_connections_closed",
+            "Upstream connections closed, by reason",
+            closed.clone(),
+        );
         let idle = Family::<Labels, Gauge>::default();
-        registry.register("upstream_pool_idle", "Idle pooled upstream connections", idle.clone());
+        registry.register(
+            "upstream_pool_idle",
+            "Idle pooled upstream connections",
+            idle.clone(),
+        );
         let in_use = Family::<Labels, Gauge>::default();
-        registry.register("upstream_pool_in_use", "Upstream connections carrying a request", in_use.clone());
+        registry.register(
+            "upstream_pool_in_use",
+            "Upstream connections carrying a request",
+            in_use.clone(),
+        );
         let downstream_active = Gauge::default();
-        registry.register("downstream_connections_active", "Open client connections", downstream_active.clone());
+        registry.register(
+            "downstream_connections_active",
+            "Open client connections",
+            downstream_active.clone(),
+        );
         let downstream_accepted = Counter::default();
-        registry.register("downstream_connections", "Client connections accepted", downstream_accepted.clone());
+        registry.register(
+            "downstream_connections",
+            "Client connections accepted",
+            downstream_accepted.clone(),
+        );
         let access_log_dropped = Counter::default();
-        registry.register("access_log_dropped", "Access log lines dropped because the writer fell behind", access_log_dropped.clone());
+        registry.register(
+            "access_log_dropped",
+            "Access log lines dropped because the writer fell behind",
+            access_log_dropped.clone(),
+        );
         let mut metrics = Metrics {
             registry,
             requests,
@@ -145,9 +185,17 @@ impl Metrics {
         let (pool_idle, pool_in_use) = if servers.is_empty() {
             (Gauge::default(), Gauge::default())
         } else {
-            (self.idle.get_or_create(&g()).clone(), self.in_use.get_or_create(&g()).clone())
+            (
+                self.idle.get_or_create(&g()).clone(),
+                self.in_use.get_or_create(&g()).clone(),
+            )
         };
-        GroupMetrics { requests, pool_idle, pool_in_use, servers }
+        GroupMetrics {
+            requests,
+            pool_idle,
+            pool_in_use,
+            servers,
+        }
     }
 
     /// The Prometheus text exposition.
@@ -157,8 +205,6 @@ impl Metrics {
         out
     }
 }
-
-
 
 #[cfg(test)]
 mod tests {

@@ -55,7 +55,10 @@ pub struct Pool<C> {
 
 impl<C> Pool<C> {
     pub fn new(limits: Limits) -> Pool<C> {
-        Pool { limits, idle: VecDeque::with_capacity(limits.keepalive) }
+        Pool {
+            limits,
+            idle: VecDeque::with_capacity(limits.keepalive),
+        }
     }
 
     pub fn limits(&self) -> &Limits {
@@ -82,10 +85,19 @@ impl<C> Pool<C> {
                 continue;
             }
             let entry = self.idle.remove(at).expect("index is below len");
-            match reuse::decide(&entry.meta, Moment::Idle { since: entry.since }, &self.limits, now) {
+            match reuse::decide(
+                &entry.meta,
+                Moment::Idle { since: entry.since },
+                &self.limits,
+                now,
+            ) {
                 Ok(()) => {
                     let idle_for = now.saturating_duration_since(entry.since);
-                    return Some(Reused { conn: entry.conn, meta: entry.meta, idle_for });
+                    return Some(Reused {
+                        conn: entry.conn,
+                        meta: entry.meta,
+                        idle_for,
+                    });
                 }
                 Err(reason) => closed(entry.conn, entry.meta, reason),
             }
@@ -108,7 +120,11 @@ impl<C> Pool<C> {
             closed(conn, meta, reason);
             return false;
         }
-        self.idle.push_back(Entry { conn, meta, since: now });
+        self.idle.push_back(Entry {
+            conn,
+            meta,
+            since: now,
+        });
         while self.idle.len() > self.limits.keepalive {
             let oldest = self.idle.pop_front().expect("len is above the cap");
             closed(oldest.conn, oldest.meta, Reason::PoolFull);
@@ -121,7 +137,12 @@ impl<C> Pool<C> {
         let limits = self.limits;
         let mut kept = VecDeque::with_capacity(self.idle.len());
         for entry in self.idle.drain(..) {
-            match reuse::decide(&entry.meta, Moment::Idle { since: entry.since }, &limits, now) {
+            match reuse::decide(
+                &entry.meta,
+                Moment::Idle { since: entry.since },
+                &limits,
+                now,
+            ) {
                 Ok(()) => kept.push_back(entry),
                 Err(reason) => closed(entry.conn, entry.meta, reason),
             }
@@ -130,7 +151,11 @@ impl<C> Pool<C> {
     }
 
     /// Closes the idle connections for which `is_dead` says the upstream already closed them.
-    pub fn evict_dead(&mut self, mut is_dead: impl FnMut(&C) -> bool, mut closed: impl FnMut(C, ConnMeta, Reason)) {
+    pub fn evict_dead(
+        &mut self,
+        mut is_dead: impl FnMut(&C) -> bool,
+        mut closed: impl FnMut(C, ConnMeta, Reason),
+    ) {
         let mut at = 0;
         while at < self.idle.len() {
             if is_dead(&self.idle[at].conn) {
@@ -153,7 +178,9 @@ impl<C> Pool<C> {
     pub fn next_expiry(&self) -> Option<Instant> {
         self.idle
             .iter()
-            .map(|e| (e.since + self.limits.idle_timeout).min(e.meta.created + self.limits.max_lifetime))
+            .map(|e| {
+                (e.since + self.limits.idle_timeout).min(e.meta.created + self.limits.max_lifetime)
+            })
             .min()
     }
 }

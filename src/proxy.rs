@@ -54,7 +54,11 @@ pub struct Proxy {
 
 impl Proxy {
     pub fn new(config: &Config, log: AccessLog, metrics: Arc<Metrics>) -> Proxy {
-        let groups = config.upstreams.iter().map(|g| Arc::new(Group::new(g, &metrics))).collect();
+        let groups = config
+            .upstreams
+            .iter()
+            .map(|g| Arc::new(Group::new(g, &metrics)))
+            .collect();
         Proxy {
             groups,
             router: Router::new(&config.routes, &config.upstreams),
@@ -119,14 +123,22 @@ impl Proxy {
         entry.upstream = Some(group.name.clone());
 
         let (mut parts, incoming) = req.into_parts();
-        let fwd = headers::Forwarded { client_ip: client.addr.ip(), host: host.as_deref() };
+        let fwd = headers::Forwarded {
+            client_ip: client.addr.ip(),
+            host: host.as_deref(),
+        };
         let request_id = headers::to_upstream(&mut parts.headers, &fwd, group.reuse());
         entry.request_id = request_id.to_str().unwrap_or("").to_string();
         parts.uri = origin_form(&parts.uri);
         parts.version = Version::HTTP_11;
 
-        let body = match RequestBody::prefetch(incoming, BODY_PREFETCH, self.max_body_size, self.client_body_timeout)
-            .await
+        let body = match RequestBody::prefetch(
+            incoming,
+            BODY_PREFETCH,
+            self.max_body_size,
+            self.client_body_timeout,
+        )
+        .await
         {
             Ok(body) => body,
             Err(err) => {
@@ -137,7 +149,10 @@ impl Proxy {
             }
         };
 
-        match self.exchange(&group, Request::from_parts(parts, body), &mut entry).await {
+        match self
+            .exchange(&group, Request::from_parts(parts, body), &mut entry)
+            .await
+        {
             Ok((resp, lease, sent_at)) => self.respond(resp, lease, &group, entry, start, sent_at),
             Err(failure) => {
                 tracing::error!(
@@ -166,7 +181,11 @@ impl Proxy {
         loop {
             entry.attempts += 1;
             let attempt_start = Instant::now();
-            let mut lease = if fresh_only { None } else { group.checkout(server, attempt_start) };
+            let mut lease = if fresh_only {
+                None
+            } else {
+                group.checkout(server, attempt_start)
+            };
             if lease.is_none() {
                 entry.upstream_addr = Some(group.server_addr(server).to_string());
                 lease = Some(group.connect(server).await?);
@@ -234,12 +253,24 @@ impl Proxy {
         start: Instant,
     ) -> Response<ResponseBody> {
         entry.status = status.as_u16();
-        let text = format!("{} {}\n", status.as_u16(), status.canonical_reason().unwrap_or(""));
-        let finish =
-            Finish { entry, start, sent_at: None, lease: None, group, log: self.log.clone(), metrics: self.metrics.clone() };
+        let text = format!(
+            "{} {}\n",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or("")
+        );
+        let finish = Finish {
+            entry,
+            start,
+            sent_at: None,
+            lease: None,
+            group,
+            log: self.log.clone(),
+            metrics: self.metrics.clone(),
+        };
         let mut resp = Response::new(ResponseBody::local(text).on_end(Box::new(finish)));
         *resp.status_mut() = status;
-        resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        resp.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
         resp
     }
 }

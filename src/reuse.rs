@@ -63,7 +63,10 @@ impl Reason {
     }
 
     pub fn index(self) -> usize {
-        Reason::ALL.iter().position(|r| *r == self).expect("ALL lists every reason")
+        Reason::ALL
+            .iter()
+            .position(|r| *r == self)
+            .expect("ALL lists every reason")
     }
 }
 
@@ -84,7 +87,12 @@ pub enum Moment {
 }
 
 /// Decides whether `conn` may be (or stay) pooled for another request at `now`.
-pub fn decide(conn: &ConnMeta, moment: Moment, limits: &Limits, now: Instant) -> Result<(), Reason> {
+pub fn decide(
+    conn: &ConnMeta,
+    moment: Moment,
+    limits: &Limits,
+    now: Instant,
+) -> Result<(), Reason> {
     if limits.keepalive == 0 {
         return Err(Reason::ReuseDisabled);
     }
@@ -126,33 +134,71 @@ mod tests {
     }
 
     fn conn(now: Instant, requests: u64) -> ConnMeta {
-        ConnMeta { id: 1, server: 0, created: now, requests }
+        ConnMeta {
+            id: 1,
+            server: 0,
+            created: now,
+            requests,
+        }
     }
 
-    const DONE: Returning = Returning { response_complete: true, upstream_keep_alive: true };
+    const DONE: Returning = Returning {
+        response_complete: true,
+        upstream_keep_alive: true,
+    };
 
     #[test]
     fn complete_keep_alive_exchange_is_reusable() {
         let now = Instant::now();
-        assert_eq!(decide(&conn(now, 1), Moment::Checkin(DONE), &limits(), now), Ok(()));
+        assert_eq!(
+            decide(&conn(now, 1), Moment::Checkin(DONE), &limits(), now),
+            Ok(())
+        );
     }
 
     #[test]
     fn every_no_has_its_reason() {
         let now = Instant::now();
         let l = limits();
-        let unread = Returning { response_complete: false, ..DONE };
-        let close = Returning { upstream_keep_alive: false, ..DONE };
-        assert_eq!(decide(&conn(now, 1), Moment::Checkin(unread), &l, now), Err(Reason::ResponseIncomplete));
-        assert_eq!(decide(&conn(now, 1), Moment::Checkin(close), &l, now), Err(Reason::UpstreamSaidClose));
-        assert_eq!(decide(&conn(now, 3), Moment::Checkin(DONE), &l, now), Err(Reason::RequestCap));
+        let unread = Returning {
+            response_complete: false,
+            ..DONE
+        };
+        let close = Returning {
+            upstream_keep_alive: false,
+            ..DONE
+        };
+        assert_eq!(
+            decide(&conn(now, 1), Moment::Checkin(unread), &l, now),
+            Err(Reason::ResponseIncomplete)
+        );
+        assert_eq!(
+            decide(&conn(now, 1), Moment::Checkin(close), &l, now),
+            Err(Reason::UpstreamSaidClose)
+        );
+        assert_eq!(
+            decide(&conn(now, 3), Moment::Checkin(DONE), &l, now),
+            Err(Reason::RequestCap)
+        );
         let later = now + Duration::from_secs(10);
-        assert_eq!(decide(&conn(now, 1), Moment::Checkin(DONE), &l, later), Err(Reason::Lifetime));
+        assert_eq!(
+            decide(&conn(now, 1), Moment::Checkin(DONE), &l, later),
+            Err(Reason::Lifetime)
+        );
         let idle = Moment::Idle { since: now };
-        assert_eq!(decide(&conn(now, 1), idle, &l, now + Duration::from_millis(100)), Err(Reason::IdleTimeout));
-        assert_eq!(decide(&conn(now, 1), idle, &l, now + Duration::from_millis(99)), Ok(()));
+        assert_eq!(
+            decide(&conn(now, 1), idle, &l, now + Duration::from_millis(100)),
+            Err(Reason::IdleTimeout)
+        );
+        assert_eq!(
+            decide(&conn(now, 1), idle, &l, now + Duration::from_millis(99)),
+            Ok(())
+        );
         let off = Limits { keepalive: 0, ..l };
-        assert_eq!(decide(&conn(now, 1), Moment::Checkin(DONE), &off, now), Err(Reason::ReuseDisabled));
+        assert_eq!(
+            decide(&conn(now, 1), Moment::Checkin(DONE), &off, now),
+            Err(Reason::ReuseDisabled)
+        );
     }
 
     #[test]

@@ -40,35 +40,70 @@ pub struct Running {
 pub async fn start(config: &Config) -> Result<Running, StartError> {
     let mut listeners = Vec::with_capacity(config.listen.len());
     for addr in &config.listen {
-        let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr: *addr, source })?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: *addr,
+                source,
+            })?;
         listeners.push(listener);
     }
     let admin = match config.admin {
-        Some(addr) => Some(TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?),
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind { addr, source })?,
+        ),
         None => None,
     };
     let metrics = Arc::new(Metrics::new());
     let (log, log_writer) = match &config.access_log {
         config::AccessLog::Off => AccessLog::off(),
         config::AccessLog::Stdout => AccessLog::open(None, metrics.access_log_dropped.clone())
-            .map_err(|source| StartError::AccessLog { path: "stdout".into(), source })?,
-        config::AccessLog::File(path) => AccessLog::open(Some(path), metrics.access_log_dropped.clone())
-            .map_err(|source| StartError::AccessLog { path: path.display().to_string(), source })?,
+            .map_err(|source| StartError::AccessLog {
+                path: "stdout".into(),
+                source,
+            })?,
+        config::AccessLog::File(path) => {
+            AccessLog::open(Some(path), metrics.access_log_dropped.clone()).map_err(|source| {
+                StartError::AccessLog {
+                    path: path.display().to_string(),
+                    source,
+                }
+            })?
+        }
     };
     let shutdown = Arc::new(Shutdown::default());
     let proxy = Arc::new(Proxy::new(config, log, metrics.clone()));
     proxy.spawn_reapers();
-    let downstream = Arc::new(Downstream::new(&config.downstream, proxy.clone(), shutdown.clone()));
+    let downstream = Arc::new(Downstream::new(
+        &config.downstream,
+        proxy.clone(),
+        shutdown.clone(),
+    ));
     let mut listen = Vec::with_capacity(listeners.len());
     for listener in listeners {
-        listen.push(listener.local_addr().expect("a bound listener has an address"));
+        listen.push(
+            listener
+                .local_addr()
+                .expect("a bound listener has an address"),
+        );
         tokio::spawn(downstream.clone().serve(listener));
     }
-    let admin_addr = admin.as_ref().map(|l| l.local_addr().expect("a bound listener has an address"));
+    let admin_addr = admin
+        .as_ref()
+        .map(|l| l.local_addr().expect("a bound listener has an address"));
     if let Some(listener) = admin {
         tokio::spawn(crate::admin::serve(listener, metrics, shutdown.clone()));
     }
-    Ok(Running { listen, admin: admin_addr, proxy, shutdown, drain_timeout: config.drain_timeout, log_writer })
+    Ok(Running {
+        listen,
+        admin: admin_addr,
+        proxy,
+        shutdown,
+        drain_timeout: config.drain_timeout,
+        log_writer,
+    })
 }
 
 impl Running {
@@ -77,12 +112,19 @@ impl Running {
     /// connection closed in time.
     pub async fn shutdown(self) -> bool {
         self.shutdown.begin();
-        let drained = tokio::time::timeout(self.drain_timeout, self.shutdown.all_closed()).await.is_ok();
+        let drained = tokio::time::timeout(self.drain_timeout, self.shutdown.all_closed())
+            .await
+            .is_ok();
         if !drained {
-            tracing::warn!(open = self.shutdown.open(), "drain timeout reached; closing remaining client connections");
+            tracing::warn!(
+                open = self.shutdown.open(),
+                "drain timeout reached; closing remaining client connections"
+            );
         }
         self.proxy.drain_pools();
-        let Running { proxy, log_writer, .. } = self;
+        let Running {
+            proxy, log_writer, ..
+        } = self;
         // The proxy holds the last access log handle; the writer flushes once it is gone.
         drop(proxy);
         // Connections still open after the drain timeout keep handles too; don't wait on them.

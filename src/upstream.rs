@@ -64,7 +64,11 @@ struct CountingIo {
 }
 
 impl AsyncRead for CountingIo {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let res = Pin::new(&mut self.stream).poll_read(cx, buf);
         let n = buf.filled().len() - before;
@@ -77,7 +81,11 @@ impl AsyncRead for CountingIo {
 }
 
 impl AsyncWrite for CountingIo {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         let res = Pin::new(&mut self.stream).poll_write(cx, buf);
         self.count_written(&res);
         res
@@ -129,7 +137,9 @@ pub struct UpstreamConn {
 
 impl std::fmt::Debug for UpstreamConn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("UpstreamConn").field("addr", &self.addr).finish_non_exhaustive()
+        f.debug_struct("UpstreamConn")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
     }
 }
 
@@ -150,7 +160,10 @@ impl UpstreamConn {
         };
         // Requests are written whole by hyper; Nagle would only add latency.
         stream.set_nodelay(true).map_err(Failure::Connect)?;
-        let peek_fd = stream.as_fd().try_clone_to_owned().map_err(Failure::Connect)?;
+        let peek_fd = stream
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(Failure::Connect)?;
         let shared = Arc::new(Shared {
             written: AtomicU64::new(0),
             read: AtomicU64::new(0),
@@ -158,7 +171,10 @@ impl UpstreamConn {
             epoch: Instant::now(),
             task_done: AtomicBool::new(false),
         });
-        let io = CountingIo { stream, shared: shared.clone() };
+        let io = CountingIo {
+            stream,
+            shared: shared.clone(),
+        };
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(io))
             .await
@@ -170,7 +186,12 @@ impl UpstreamConn {
             }
             task_shared.task_done.store(true, Ordering::Release);
         });
-        Ok(UpstreamConn { sender, shared, peek_fd, addr })
+        Ok(UpstreamConn {
+            sender,
+            shared,
+            peek_fd,
+            addr,
+        })
     }
 
     /// Whether hyper already knows the connection is closed.
@@ -222,8 +243,12 @@ impl UpstreamConn {
     pub fn send(
         &mut self,
         req: Request<RequestBody>,
-    ) -> impl Future<Output = Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<RequestBody>>>>
-    + use<> {
+    ) -> impl Future<
+        Output = Result<
+            Response<Incoming>,
+            hyper::client::conn::TrySendError<Request<RequestBody>>,
+        >,
+    > + use<> {
         self.sender.try_send_request(req)
     }
 }
@@ -241,13 +266,17 @@ pub fn classify(err: &hyper::Error, conn: &UpstreamConn, mark: Mark, reused: boo
     }
     let transport = match find_source::<io::Error>(err) {
         Some(io_err) => Transport::from_io(io_err),
-        None if err.is_incomplete_message() || err.is_canceled() || err.is_closed() => Transport::Eof,
+        None if err.is_incomplete_message() || err.is_canceled() || err.is_closed() => {
+            Transport::Eof
+        }
         None => Transport::Other,
     };
     Failure::NoResponse { reused, transport }
 }
 
-fn find_source<'a, T: std::error::Error + 'static>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a T> {
+fn find_source<'a, T: std::error::Error + 'static>(
+    err: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a T> {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(e) = cur {
         if let Some(found) = e.downcast_ref::<T>() {

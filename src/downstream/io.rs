@@ -53,7 +53,9 @@ impl Tracker {
     }
 
     fn stamp(&self, at: Instant) -> u64 {
-        u64::try_from(at.saturating_duration_since(self.accepted).as_nanos()).unwrap_or(u64::MAX).max(1)
+        u64::try_from(at.saturating_duration_since(self.accepted).as_nanos())
+            .unwrap_or(u64::MAX)
+            .max(1)
     }
 
     fn at(&self, stamp: u64) -> Instant {
@@ -73,7 +75,8 @@ impl Tracker {
     /// A response was written (or abandoned): the connection is idle again.
     pub(super) fn end(&self) {
         if self.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
-            self.idle_since.store(self.stamp(Instant::now()), Ordering::Relaxed);
+            self.idle_since
+                .store(self.stamp(Instant::now()), Ordering::Relaxed);
             self.recording.store(true, Ordering::Relaxed);
         }
     }
@@ -142,7 +145,11 @@ fn conflicting_framing(head: &[u8]) -> bool {
     if req.parse(head).is_err() {
         return false;
     }
-    let has = |name: &str| req.headers.iter().any(|h| h.name.eq_ignore_ascii_case(name));
+    let has = |name: &str| {
+        req.headers
+            .iter()
+            .any(|h| h.name.eq_ignore_ascii_case(name))
+    };
     has("transfer-encoding") && has("content-length")
 }
 
@@ -155,15 +162,20 @@ pub(super) struct DownstreamIo {
 
 impl DownstreamIo {
     pub(super) fn new(stream: TcpStream, tracker: Arc<Tracker>, head_limit: usize) -> DownstreamIo {
-        DownstreamIo { stream, tracker, head: HeadRecorder::default(), head_limit }
+        DownstreamIo {
+            stream,
+            tracker,
+            head: HeadRecorder::default(),
+            head_limit,
+        }
     }
 
     fn note_write<T>(&self, res: &Poll<T>) {
         let t = &self.tracker;
         match res {
-            Poll::Pending if t.write_blocked.load(Ordering::Relaxed) == 0 => {
-                t.write_blocked.store(t.stamp(Instant::now()), Ordering::Relaxed)
-            }
+            Poll::Pending if t.write_blocked.load(Ordering::Relaxed) == 0 => t
+                .write_blocked
+                .store(t.stamp(Instant::now()), Ordering::Relaxed),
             Poll::Ready(_) => t.write_blocked.store(0, Ordering::Relaxed),
             Poll::Pending => {}
         }
@@ -171,14 +183,19 @@ impl DownstreamIo {
 }
 
 impl AsyncRead for DownstreamIo {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let res = Pin::new(&mut self.stream).poll_read(cx, buf);
         let this = &mut *self;
         let t = &this.tracker;
         if buf.filled().len() > before && t.recording.load(Ordering::Relaxed) {
             if t.head_started.load(Ordering::Relaxed) == 0 {
-                t.head_started.store(t.stamp(Instant::now()), Ordering::Relaxed);
+                t.head_started
+                    .store(t.stamp(Instant::now()), Ordering::Relaxed);
             }
             if let Some(conflict) = this.head.feed(&buf.filled()[before..], this.head_limit) {
                 t.conflict.store(conflict, Ordering::Relaxed);
@@ -190,7 +207,11 @@ impl AsyncRead for DownstreamIo {
 }
 
 impl AsyncWrite for DownstreamIo {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         let res = Pin::new(&mut self.stream).poll_write(cx, buf);
         self.note_write(&res);
         res
@@ -229,13 +250,18 @@ mod tests {
     fn both_framing_headers_are_a_conflict() {
         let head = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n";
         assert!(conflicting_framing(head));
-        assert!(!conflicting_framing(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\n"));
+        assert!(!conflicting_framing(
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\n"
+        ));
     }
 
     #[test]
     fn head_split_across_reads_is_checked_once_complete() {
         let mut rec = HeadRecorder::default();
-        assert_eq!(rec.feed(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n", 1024), None);
+        assert_eq!(
+            rec.feed(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n", 1024),
+            None
+        );
         assert_eq!(rec.feed(b"Content-Length: 3\r\n\r\nabc", 1024), Some(true));
         assert!(rec.buf.is_empty());
     }

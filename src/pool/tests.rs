@@ -4,7 +4,10 @@ use proptest::prelude::*;
 
 use super::*;
 
-const DONE: Returning = Returning { response_complete: true, upstream_keep_alive: true };
+const DONE: Returning = Returning {
+    response_complete: true,
+    upstream_keep_alive: true,
+};
 
 fn limits() -> Limits {
     Limits {
@@ -16,7 +19,12 @@ fn limits() -> Limits {
 }
 
 fn meta(id: u64, server: usize, created: Instant) -> ConnMeta {
-    ConnMeta { id, server, created, requests: 1 }
+    ConnMeta {
+        id,
+        server,
+        created,
+        requests: 1,
+    }
 }
 
 fn keep(_: u64, _: ConnMeta, reason: Reason) {
@@ -28,9 +36,17 @@ fn checkout_prefers_most_recently_used_of_that_server() {
     let t0 = Instant::now();
     let mut pool = Pool::new(limits());
     for (id, server) in [(1, 0), (2, 0), (3, 1)] {
-        pool.checkin(id, meta(id, server, t0), DONE, t0 + Duration::from_millis(id), keep);
+        pool.checkin(
+            id,
+            meta(id, server, t0),
+            DONE,
+            t0 + Duration::from_millis(id),
+            keep,
+        );
     }
-    let got = pool.checkout(0, t0 + Duration::from_millis(10), keep).expect("two idle");
+    let got = pool
+        .checkout(0, t0 + Duration::from_millis(10), keep)
+        .expect("two idle");
     assert_eq!(got.conn, 2);
     assert_eq!(got.idle_for, Duration::from_millis(8));
     assert_eq!(pool.idle(), 2);
@@ -42,7 +58,9 @@ fn idle_list_never_holds_more_than_keepalive() {
     let mut pool = Pool::new(limits());
     let mut evicted = vec![];
     for id in 1..=5 {
-        pool.checkin(id, meta(id, 0, t0), DONE, t0, |c, _, r| evicted.push((c, r)));
+        pool.checkin(id, meta(id, 0, t0), DONE, t0, |c, _, r| {
+            evicted.push((c, r))
+        });
     }
     assert_eq!(pool.idle(), 3);
     assert_eq!(evicted, [(1, Reason::PoolFull), (2, Reason::PoolFull)]);
@@ -54,7 +72,9 @@ fn connection_idle_past_timeout_is_closed_not_handed_out() {
     let mut pool = Pool::new(limits());
     pool.checkin(1, meta(1, 0, t0), DONE, t0, keep);
     let mut closed = vec![];
-    let got = pool.checkout(0, t0 + Duration::from_millis(100), |c, _, r| closed.push((c, r)));
+    let got = pool.checkout(0, t0 + Duration::from_millis(100), |c, _, r| {
+        closed.push((c, r))
+    });
     assert!(got.is_none());
     assert_eq!(closed, [(1, Reason::IdleTimeout)]);
 }
@@ -64,10 +84,18 @@ fn expire_closes_only_the_stale() {
     let t0 = Instant::now();
     let mut pool = Pool::new(limits());
     pool.checkin(1, meta(1, 0, t0), DONE, t0, keep);
-    pool.checkin(2, meta(2, 0, t0), DONE, t0 + Duration::from_millis(60), keep);
+    pool.checkin(
+        2,
+        meta(2, 0, t0),
+        DONE,
+        t0 + Duration::from_millis(60),
+        keep,
+    );
     assert_eq!(pool.next_expiry(), Some(t0 + Duration::from_millis(100)));
     let mut closed = vec![];
-    pool.expire(t0 + Duration::from_millis(120), |c, _, r| closed.push((c, r)));
+    pool.expire(t0 + Duration::from_millis(120), |c, _, r| {
+        closed.push((c, r))
+    });
     assert_eq!(closed, [(1, Reason::IdleTimeout)]);
     assert_eq!(pool.idle(), 1);
 }
@@ -75,7 +103,10 @@ fn expire_closes_only_the_stale() {
 #[test]
 fn keepalive_zero_pools_nothing() {
     let t0 = Instant::now();
-    let mut pool = Pool::new(Limits { keepalive: 0, ..limits() });
+    let mut pool = Pool::new(Limits {
+        keepalive: 0,
+        ..limits()
+    });
     let mut closed = vec![];
     assert!(!pool.checkin(1, meta(1, 0, t0), DONE, t0, |c, _, r| closed.push((c, r))));
     assert_eq!(closed, [(1, Reason::ReuseDisabled)]);

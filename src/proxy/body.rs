@@ -58,13 +58,18 @@ struct Gap {
 
 impl Gap {
     fn new(timeout: Duration) -> Gap {
-        Gap { timeout, sleep: None }
+        Gap {
+            timeout,
+            sleep: None,
+        }
     }
 
     /// Polls the timer; arms it on the first pending poll.
     fn poll_expired(&mut self, cx: &mut Context<'_>) -> bool {
         let timeout = self.timeout;
-        let sleep = self.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        let sleep = self
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
         sleep.as_mut().poll(cx).is_ready()
     }
 
@@ -87,7 +92,14 @@ pub struct RequestBody {
 
 impl RequestBody {
     pub fn empty() -> RequestBody {
-        RequestBody { prefix: None, rest: None, trailers: None, limit: 0, received: 0, gap: Gap::new(Duration::MAX) }
+        RequestBody {
+            prefix: None,
+            rest: None,
+            trailers: None,
+            limit: 0,
+            received: 0,
+            gap: Gap::new(Duration::MAX),
+        }
     }
 
     /// Reads up to `keep` bytes of `incoming` before anything is sent upstream. `limit` is
@@ -137,7 +149,14 @@ impl RequestBody {
         let received = buf.len() as u64;
         let prefix = (!buf.is_empty()).then(|| buf.freeze());
         let rest = (!ended && !incoming.is_end_stream()).then_some(incoming);
-        Ok(RequestBody { prefix, rest, trailers, limit, received, gap: Gap::new(timeout) })
+        Ok(RequestBody {
+            prefix,
+            rest,
+            trailers,
+            limit,
+            received,
+            gap: Gap::new(timeout),
+        })
     }
 
     /// A copy that replays the body from the start, when all of it is held in memory.
@@ -160,7 +179,10 @@ impl Body for RequestBody {
     type Data = Bytes;
     type Error = BodyError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
         if let Some(prefix) = this.prefix.take() {
             return Poll::Ready(Some(Ok(Frame::data(prefix))));
@@ -199,7 +221,9 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.prefix.is_none() && self.trailers.is_none() && self.rest.as_ref().is_none_or(|r| r.is_end_stream())
+        self.prefix.is_none()
+            && self.trailers.is_none()
+            && self.rest.as_ref().is_none_or(|r| r.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -242,12 +266,25 @@ impl ResponseBody {
     /// A body kaguard writes itself (errors, admin pages).
     pub fn local(bytes: impl Into<Bytes>) -> ResponseBody {
         let bytes = bytes.into();
-        ResponseBody { kind: Kind::Local((!bytes.is_empty()).then_some(bytes)), on_end: None, sent: 0, guard: None }
+        ResponseBody {
+            kind: Kind::Local((!bytes.is_empty()).then_some(bytes)),
+            on_end: None,
+            sent: 0,
+            guard: None,
+        }
     }
 
     /// The upstream's body, with `read_timeout` between two frames.
     pub fn upstream(body: Incoming, read_timeout: Duration) -> ResponseBody {
-        ResponseBody { kind: Kind::Upstream { body, gap: Gap::new(read_timeout) }, on_end: None, sent: 0, guard: None }
+        ResponseBody {
+            kind: Kind::Upstream {
+                body,
+                gap: Gap::new(read_timeout),
+            },
+            on_end: None,
+            sent: 0,
+            guard: None,
+        }
     }
 
     /// Runs `on_end` when the body ends or is dropped.
@@ -297,13 +334,17 @@ impl Body for ResponseBody {
         let polled = match &mut this.kind {
             Kind::Local(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Kind::Upstream { body, gap } => match Pin::new(&mut *body).poll_frame(cx) {
-                Poll::Pending if gap.poll_expired(cx) => Poll::Ready(Some(Err(ResponseBodyError::Timeout))),
+                Poll::Pending if gap.poll_expired(cx) => {
+                    Poll::Ready(Some(Err(ResponseBodyError::Timeout)))
+                }
                 Poll::Pending => Poll::Pending,
                 Poll::Ready(Some(Ok(frame))) => {
                     gap.progressed();
                     Poll::Ready(Some(Ok(frame)))
                 }
-                Poll::Ready(Some(Err(err))) => Poll::Ready(Some(Err(ResponseBodyError::Upstream(err)))),
+                Poll::Ready(Some(Err(err))) => {
+                    Poll::Ready(Some(Err(ResponseBodyError::Upstream(err))))
+                }
                 Poll::Ready(None) => Poll::Ready(None),
             },
         };
@@ -334,7 +375,9 @@ impl Body for ResponseBody {
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
-            Kind::Local(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+            Kind::Local(bytes) => {
+                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
+            }
             Kind::Upstream { body, .. } => body.size_hint(),
         }
     }

@@ -47,7 +47,11 @@ impl Group {
         };
         Group {
             name: cfg.name.clone(),
-            servers: cfg.servers.iter().map(|s| Server { addr: s.addr }).collect(),
+            servers: cfg
+                .servers
+                .iter()
+                .map(|s| Server { addr: s.addr })
+                .collect(),
             pool: Mutex::new(Pool::new(limits)),
             read_timeout: cfg.read_timeout,
             connect_timeout: cfg.connect_timeout,
@@ -73,7 +77,9 @@ impl Group {
     fn lock(&self) -> MutexGuard<'_, Pool<UpstreamConn>> {
         // A panic while holding the lock leaves the pool consistent (every method finishes
         // its own bookkeeping before calling out), so a poisoned lock is still usable.
-        self.pool.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.pool
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Runs `f` on the pool, then closes and counts what it let go, outside the lock.
@@ -135,9 +141,22 @@ impl Group {
         }
     }
 
-    fn lease(self: &Arc<Self>, conn: UpstreamConn, meta: ConnMeta, reused: bool, idle_for: Duration) -> Lease {
+    fn lease(
+        self: &Arc<Self>,
+        conn: UpstreamConn,
+        meta: ConnMeta,
+        reused: bool,
+        idle_for: Duration,
+    ) -> Lease {
         self.metrics.pool_in_use.inc();
-        Lease { conn: Some(conn), meta, reused, idle_for, failed: false, group: self.clone() }
+        Lease {
+            conn: Some(conn),
+            meta,
+            reused,
+            idle_for,
+            failed: false,
+            group: self.clone(),
+        }
     }
 
     /// Closes every idle connection.
@@ -158,7 +177,9 @@ pub async fn reap(group: Weak<Group>) {
                 pool.expire(now, |c, m, r| closed.push((c, m, r)));
                 pool.evict_dead(UpstreamConn::is_closed, |c, m, r| closed.push((c, m, r)));
                 let idle_timeout = pool.limits().idle_timeout;
-                pool.next_expiry().unwrap_or(now + idle_timeout).max(now + REAPER_MIN_GAP)
+                pool.next_expiry()
+                    .unwrap_or(now + idle_timeout)
+                    .max(now + REAPER_MIN_GAP)
             })
         };
         tokio::time::sleep_until(wake.into()).await;
@@ -193,7 +214,10 @@ impl Lease {
     /// Ends the exchange; the pool keeps the connection if [`crate::reuse::decide`] allows.
     pub fn release(mut self, response_complete: bool, upstream_keep_alive: bool, now: Instant) {
         let Some(conn) = self.conn.take() else { return };
-        let returning = Returning { response_complete: response_complete && !self.failed, upstream_keep_alive };
+        let returning = Returning {
+            response_complete: response_complete && !self.failed,
+            upstream_keep_alive,
+        };
         let meta = self.meta;
         self.group.with_pool(|pool, closed| {
             pool.checkin(conn, meta, returning, now, |c, m, r| closed.push((c, m, r)));
@@ -205,7 +229,11 @@ impl Drop for Lease {
     fn drop(&mut self) {
         self.group.metrics.pool_in_use.dec();
         if let Some(conn) = self.conn.take() {
-            let reason = if self.failed { Reason::Error } else { Reason::ResponseIncomplete };
+            let reason = if self.failed {
+                Reason::Error
+            } else {
+                Reason::ResponseIncomplete
+            };
             self.group.count_close(&self.meta, reason);
             drop(conn);
         }

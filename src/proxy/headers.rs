@@ -3,8 +3,8 @@
 
 use std::net::IpAddr;
 
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::Version;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 /// Hop-by-hop headers that never cross the proxy, besides those listed in `Connection`.
 const HOP_BY_HOP: [HeaderName; 9] = [
@@ -38,7 +38,9 @@ pub fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 pub fn wants_keep_alive(version: Version, headers: &HeaderMap) -> bool {
     match version {
         Version::HTTP_11 => !connection_has(headers, "close"),
-        Version::HTTP_10 => connection_has(headers, "keep-alive") && !connection_has(headers, "close"),
+        Version::HTTP_10 => {
+            connection_has(headers, "keep-alive") && !connection_has(headers, "close")
+        }
         _ => false,
     }
 }
@@ -120,7 +122,10 @@ mod tests {
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
-            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
         }
         h
     }
@@ -147,8 +152,15 @@ mod tests {
 
     #[test]
     fn forwarded_headers_append_and_set() {
-        let mut h = map(&[("x-forwarded-for", "10.0.0.1"), ("host", "example.com"), ("x-request-id", "abc")]);
-        let fwd = Forwarded { client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST), host: Some("example.com") };
+        let mut h = map(&[
+            ("x-forwarded-for", "10.0.0.1"),
+            ("host", "example.com"),
+            ("x-request-id", "abc"),
+        ]);
+        let fwd = Forwarded {
+            client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            host: Some("example.com"),
+        };
         let id = to_upstream(&mut h, &fwd, true);
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "http");
@@ -161,7 +173,10 @@ mod tests {
     #[test]
     fn request_id_is_generated_and_no_reuse_says_close() {
         let mut h = HeaderMap::new();
-        let fwd = Forwarded { client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST), host: None };
+        let fwd = Forwarded {
+            client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            host: None,
+        };
         let id = to_upstream(&mut h, &fwd, false);
         assert_eq!(id.len(), 32);
         assert_eq!(h["x-request-id"], id);
@@ -171,8 +186,14 @@ mod tests {
     #[test]
     fn keep_alive_intent_follows_version_rules() {
         assert!(wants_keep_alive(Version::HTTP_11, &HeaderMap::new()));
-        assert!(!wants_keep_alive(Version::HTTP_11, &map(&[("connection", "Close")])));
+        assert!(!wants_keep_alive(
+            Version::HTTP_11,
+            &map(&[("connection", "Close")])
+        ));
         assert!(!wants_keep_alive(Version::HTTP_10, &HeaderMap::new()));
-        assert!(wants_keep_alive(Version::HTTP_10, &map(&[("connection", "keep-alive")])));
+        assert!(wants_keep_alive(
+            Version::HTTP_10,
+            &map(&[("connection", "keep-alive")])
+        ));
     }
 }

@@ -77,11 +77,12 @@ pub struct Behaviour {
     /// Default `None`.
     pub max_requests: Option<u64>,
     /// `true`: the Nth response carries `Connection: close`. `false`: it does not, and the
-    /// connection is closed right after it is written, without reading another byte. Default
-    /// `true`.
+    /// connection is closed right after it is written, without reading another byte (so a
+    /// request the client has already sent is left unread, and Linux answers it with RST even
+    /// in FIN mode). Default `true`.
     pub announce_last: bool,
-    /// Close (idle timeout, max_requests, `?close=`) with RST (SO_LINGER 0) instead of FIN.
-    /// Default `false`.
+    /// Close on idle timeout or after the Nth response with RST (SO_LINGER 0) instead of FIN.
+    /// (`?close=` names its own.) Default `false`.
     pub close_with_rst: bool,
     /// Send `Keep-Alive: timeout=N` (whole seconds of `idle_timeout`, rounded down as Node does)
     /// and `max=M` (requests still allowed after this one, as Apache counts) when
@@ -250,6 +251,7 @@ impl TestUpstream {
         // An error only means every receiver is gone, i.e. everything has stopped already.
         let _ = self.stop.send(true);
         let mut accept = self.accept;
+        // The accept loop itself gives connections SHUTDOWN_WAIT; this bound is the backstop.
         if tokio::time::timeout(SHUTDOWN_WAIT * 2, &mut accept)
             .await
             .is_err()

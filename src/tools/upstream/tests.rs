@@ -247,6 +247,28 @@ async fn fresh_connection_without_a_request_is_closed_after_idle_timeout() {
 }
 
 #[tokio::test]
+async fn head_response_ends_the_exchange_and_restarts_the_idle_timer() {
+    let upstream = start(idle(100)).await;
+    let mut client = RawClient::connect(upstream.addr()).await;
+    client.send(b"HEAD / HTTP/1.1\r\nHost: u\r\n\r\n").await;
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0; 1];
+        let n = timeout(PATIENCE, client.read.read(&mut byte))
+            .await
+            .expect("head in time")
+            .expect("read head");
+        assert_eq!(n, 1, "closed before the head ended");
+        head.push(byte[0]);
+    }
+    assert!(String::from_utf8_lossy(&head).contains("content-length: 2"));
+    assert_eq!(
+        client.next_read().await.expect("FIN after idle, no body"),
+        0
+    );
+}
+
+#[tokio::test]
 async fn rst_mode_resets_an_idle_connection() {
     let upstream = start(Behaviour {
         close_with_rst: true,
