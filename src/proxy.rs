@@ -22,7 +22,7 @@ use crate::error::Failure;
 use crate::metrics::Metrics;
 use crate::route::Router;
 use crate::upstream::{self, UpstreamConn};
-use body::{OnEnd, RequestBody, ResponseBody};
+use body::{End, OnEnd, RequestBody, ResponseBody};
 use group::{Group, Lease};
 
 /// Request body bytes read before the upstream is contacted: enough for nearly every API
@@ -329,15 +329,23 @@ struct Finish {
 }
 
 impl OnEnd for Finish {
-    fn on_end(mut self: Box<Self>, complete: bool, body_bytes: u64) {
+    fn on_end(mut self: Box<Self>, end: End, body_bytes: u64) {
         let now = Instant::now();
         if let Some((lease, upstream_keep_alive)) = self.lease.take() {
-            lease.release(complete, upstream_keep_alive, now);
+            lease.release(end == End::Complete, upstream_keep_alive, now);
         }
         let mut entry = std::mem::take(&mut self.entry);
-        if !complete && entry.response_flags.is_empty() {
-            entry.flag("DC");
-            entry.response_details = "response_not_completed".into();
+        match end {
+            End::Complete => {}
+            End::UpstreamFailed => {
+                entry.flag("UC");
+                entry.response_details =
+                    "upstream_reset_after_response_started{connection_termination}".into();
+            }
+            End::Abandoned => {
+                entry.flag("DC");
+                entry.response_details = "downstream_remote_disconnect".into();
+            }
         }
         entry.body_bytes_sent = body_bytes;
         entry.request_time = access_log::seconds(now - self.start);
@@ -350,7 +358,8 @@ impl OnEnd for Finish {
     }
 }
 
-/// The host the client asked for, without port, from the target or the Host header.
+/// The host the client asked for (port included), from an absolute-form target or the Host
+/// header; the target wins, as RFC 9112 §3.2.2 requires of a proxy.
 fn request_host<B>(req: &Request<B>) -> Option<String> {
     let raw = match req.uri().authority() {
         Some(authority) => authority.as_str(),

@@ -15,10 +15,23 @@ fn every_example_config_passes_check_and_prints_the_effective_config() {
     for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "toml") {
-            let out = kaguard().arg("check").arg("--config").arg(&path).output().unwrap();
-            assert!(out.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+            let out = kaguard()
+                .arg("check")
+                .arg("--config")
+                .arg(&path)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
             let printed = String::from_utf8(out.stdout).unwrap();
-            assert!(printed.contains("keepalive_timeout"), "defaults are filled in");
+            assert!(
+                printed.contains("keepalive_timeout"),
+                "defaults are filled in"
+            );
             seen += 1;
         }
     }
@@ -33,19 +46,30 @@ fn bad_config_exits_2_with_one_line_naming_key_and_value() {
         "listen = [\"127.0.0.1:0\"]\n[[upstream]]\nname = \"app\"\nservers = [\"127.0.0.1:1\"]\nkeepalive_timeout = \"5x\"\n",
     )
     .unwrap();
-    let out = kaguard().arg("check").arg("--config").arg(&path).output().unwrap();
+    let out = kaguard()
+        .arg("check")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
     let _ = std::fs::remove_file(&path);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8(out.stderr).unwrap();
     assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(err.contains(r#"upstream "app": keepalive_timeout: invalid duration "5x""#), "{err}");
+    assert!(
+        err.contains(r#"upstream "app": keepalive_timeout: invalid duration "5x""#),
+        "{err}"
+    );
 }
 
 #[test]
 fn port_in_use_exits_2_with_one_line() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
-    let out = kaguard().args(["run", "--listen", &addr, "--upstream", "127.0.0.1:1"]).output().unwrap();
+    let out = kaguard()
+        .args(["run", "--listen", &addr, "--upstream", "127.0.0.1:1"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8(out.stderr).unwrap();
     let last = err.lines().last().unwrap_or("");
@@ -55,9 +79,17 @@ fn port_in_use_exits_2_with_one_line() {
 #[test]
 fn help_shows_examples_and_version_prints() {
     let help = kaguard().arg("--help").output().unwrap();
-    assert!(String::from_utf8(help.stdout).unwrap().contains("kaguard run --listen"));
+    assert!(
+        String::from_utf8(help.stdout)
+            .unwrap()
+            .contains("kaguard run --listen")
+    );
     let version = kaguard().arg("--version").output().unwrap();
-    assert!(String::from_utf8(version.stdout).unwrap().starts_with("kaguard "));
+    assert!(
+        String::from_utf8(version.stdout)
+            .unwrap()
+            .starts_with("kaguard ")
+    );
 }
 
 #[tokio::test]

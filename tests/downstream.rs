@@ -31,7 +31,10 @@ async fn last_request_under_keepalive_requests_says_close_and_closes() {
     }
     let last = client.get("/").await;
     assert_eq!(header(last.headers(), "connection"), Some("close"));
-    assert!(client.closed_within(PATIENCE).await, "kaguard kept the connection open");
+    assert!(
+        client.closed_within(PATIENCE).await,
+        "kaguard kept the connection open"
+    );
 }
 
 #[tokio::test]
@@ -39,7 +42,10 @@ async fn client_asking_for_close_gets_close() {
     let up = upstream(Behaviour::default()).await;
     let kg = start(config(&[up.addr()])).await;
     let mut client = Client::connect(kg.addr).await;
-    let req = http::Request::get("/").header("host", "t").header("connection", "close").body(Default::default());
+    let req = http::Request::get("/")
+        .header("host", "t")
+        .header("connection", "close")
+        .body(Default::default());
     let resp = client.send(req.unwrap()).await;
     assert_eq!(header(resp.headers(), "connection"), Some("close"));
     assert!(client.closed_within(PATIENCE).await);
@@ -59,9 +65,15 @@ async fn idle_client_connection_is_held_past_the_announced_timeout_then_closed()
     assert_eq!(header(resp.headers(), "keep-alive"), Some("timeout=1"));
     // A client honoring the hint closes at 1 s; kaguard must still be there a bit later.
     tokio::time::sleep(Duration::from_millis(1300)).await;
-    assert!(!client.closed_within(Duration::ZERO).await, "closed before the grace period");
+    assert!(
+        !client.closed_within(Duration::ZERO).await,
+        "closed before the grace period"
+    );
     assert_eq!(client.get("/").await.status(), 200);
-    assert!(client.closed_within(PATIENCE).await, "never closed the idle connection");
+    assert!(
+        client.closed_within(PATIENCE).await,
+        "never closed the idle connection"
+    );
 }
 
 #[tokio::test]
@@ -71,10 +83,18 @@ async fn slow_request_head_is_cut_off_after_client_header_timeout() {
     cfg.downstream.client_header_timeout = Duration::from_millis(300);
     let kg = start(cfg).await;
     let mut stream = tokio::net::TcpStream::connect(kg.addr).await.unwrap();
-    stream.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n").await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n")
+        .await
+        .unwrap();
     let mut buf = [0u8; 64];
-    let read = tokio::time::timeout(PATIENCE, stream.read(&mut buf)).await.expect("closed in time");
-    assert!(matches!(read, Ok(0) | Err(_)), "expected the connection closed, got {read:?}");
+    let read = tokio::time::timeout(PATIENCE, stream.read(&mut buf))
+        .await
+        .expect("closed in time");
+    assert!(
+        matches!(read, Ok(0) | Err(_)),
+        "expected the connection closed, got {read:?}"
+    );
     assert_eq!(up.requests(), 0);
 }
 
@@ -86,6 +106,8 @@ async fn silent_new_connection_is_closed_after_client_header_timeout() {
     let kg = start(cfg).await;
     let mut stream = tokio::net::TcpStream::connect(kg.addr).await.unwrap();
     let mut buf = [0u8; 64];
-    let read = tokio::time::timeout(PATIENCE, stream.read(&mut buf)).await.expect("closed in time");
+    let read = tokio::time::timeout(PATIENCE, stream.read(&mut buf))
+        .await
+        .expect("closed in time");
     assert!(matches!(read, Ok(0) | Err(_)));
 }

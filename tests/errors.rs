@@ -28,19 +28,32 @@ async fn connect_refused_is_502_uf() {
     assert_eq!(get(kg.addr, "/").await.status(), 502);
     let (status, flags, details) = flags_of_last(&kg).await;
     assert_eq!((status, flags.as_str()), (502, "UF"));
-    assert_eq!(details, "upstream_reset_before_response_started{connection_failure}");
+    assert_eq!(
+        details,
+        "upstream_reset_before_response_started{connection_failure}"
+    );
 }
 
 #[tokio::test]
 async fn connect_timeout_is_504_uf() {
     // A listener that never accepts, with its accept queue full: further SYNs go unanswered.
     let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    sock.bind(&"127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap().into()).unwrap();
+    sock.bind(
+        &"127.0.0.1:0"
+            .parse::<std::net::SocketAddr>()
+            .unwrap()
+            .into(),
+    )
+    .unwrap();
     sock.listen(0).unwrap();
     let addr = sock.local_addr().unwrap().as_socket().unwrap();
     let mut fillers = vec![];
     for _ in 0..8 {
-        let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(200), tokio::net::TcpStream::connect(addr)).await
+        let Ok(Ok(s)) = tokio::time::timeout(
+            Duration::from_millis(200),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
         else {
             break;
         };
@@ -52,7 +65,10 @@ async fn connect_timeout_is_504_uf() {
     assert_eq!(get(kg.addr, "/").await.status(), 504);
     let (_, flags, details) = flags_of_last(&kg).await;
     assert_eq!(flags, "UF");
-    assert_eq!(details, "upstream_reset_before_response_started{connection_timeout}");
+    assert_eq!(
+        details,
+        "upstream_reset_before_response_started{connection_timeout}"
+    );
 }
 
 #[tokio::test]
@@ -62,7 +78,10 @@ async fn upstream_closing_before_response_is_502_uc() {
     assert_eq!(get(kg.addr, "/?close=fin").await.status(), 502);
     let (_, flags, details) = flags_of_last(&kg).await;
     assert_eq!(flags, "UC");
-    assert_eq!(details, "upstream_reset_before_response_started{connection_termination}");
+    assert_eq!(
+        details,
+        "upstream_reset_before_response_started{connection_termination}"
+    );
 }
 
 #[tokio::test]
@@ -114,9 +133,17 @@ async fn body_over_the_limit_is_413_and_never_reaches_upstream() {
     let kg = start(cfg).await;
     let body = "x".repeat(100);
     let with_length = format!("POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n{body}");
-    assert_eq!(status_of(&raw(kg.addr, with_length.as_bytes()).await), Some(413));
-    let chunked = format!("POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n64\r\n{body}\r\n0\r\n\r\n");
-    assert_eq!(status_of(&raw(kg.addr, chunked.as_bytes()).await), Some(413));
+    assert_eq!(
+        status_of(&raw(kg.addr, with_length.as_bytes()).await),
+        Some(413)
+    );
+    let chunked = format!(
+        "POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n64\r\n{body}\r\n0\r\n\r\n"
+    );
+    assert_eq!(
+        status_of(&raw(kg.addr, chunked.as_bytes()).await),
+        Some(413)
+    );
     assert_eq!(up.requests(), 0);
 }
 
@@ -124,13 +151,20 @@ async fn body_over_the_limit_is_413_and_never_reaches_upstream() {
 async fn request_without_a_route_is_404_nr() {
     let up = upstream(Behaviour::default()).await;
     let mut cfg = config(&[up.addr()]);
-    cfg.routes = vec![RouteConfig { host: Some("app.example".into()), path_prefix: "/".into(), upstream: "default".into() }];
+    cfg.routes = vec![RouteConfig {
+        host: Some("app.example".into()),
+        path_prefix: "/".into(),
+        upstream: "default".into(),
+    }];
     let kg = start(cfg).await;
     assert_eq!(get(kg.addr, "/").await.status(), 404);
     let (_, flags, _) = flags_of_last(&kg).await;
     assert_eq!(flags, "NR");
     let mut client = Client::connect(kg.addr).await;
-    let req = http::Request::get("/").header("host", "app.example:8080").body(Default::default()).unwrap();
+    let req = http::Request::get("/")
+        .header("host", "app.example:8080")
+        .body(Default::default())
+        .unwrap();
     assert_eq!(client.send(req).await.status(), 200);
     assert_eq!(up.requests(), 1);
 }

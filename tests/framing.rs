@@ -26,12 +26,16 @@ async fn transfer_encoding_before_content_length_is_400() {
 
 #[tokio::test]
 async fn two_different_content_lengths_are_400() {
-    refused(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd").await;
+    refused(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd")
+        .await;
 }
 
 #[tokio::test]
 async fn bad_chunk_size_is_400() {
-    refused(b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n").await;
+    refused(
+        b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -41,5 +45,6 @@ async fn bad_chunk_size_after_a_good_chunk_is_400() {
 
 #[tokio::test]
 async fn chunked_not_last_is_400() {
-    refused(b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n").await;
+    refused(b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n")
+        .await;
 }

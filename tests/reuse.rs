@@ -18,8 +18,16 @@ async fn ten_sequential_requests_use_one_upstream_connection() {
     assert_eq!(up.connections(), 1);
     assert_eq!(up.requests(), 10);
     // No Connection header goes upstream when reuse is on.
-    assert!(up.seen().iter().all(|r| !r.headers.contains_key("connection")));
-    assert!(up.seen().iter().all(|r| r.version == http::Version::HTTP_11));
+    assert!(
+        up.seen()
+            .iter()
+            .all(|r| !r.headers.contains_key("connection"))
+    );
+    assert!(
+        up.seen()
+            .iter()
+            .all(|r| r.version == http::Version::HTTP_11)
+    );
 }
 
 #[tokio::test]
@@ -33,7 +41,11 @@ async fn keepalive_zero_sends_close_and_opens_a_connection_per_request() {
         assert_eq!(client.get("/").await.status(), 200);
     }
     assert_eq!(up.connections(), 5);
-    assert!(up.seen().iter().all(|r| support::header(&r.headers, "connection") == Some("close")));
+    assert!(
+        up.seen()
+            .iter()
+            .all(|r| support::header(&r.headers, "connection") == Some("close"))
+    );
 }
 
 #[tokio::test]
@@ -68,7 +80,12 @@ async fn connection_past_keepalive_time_is_not_reused() {
 
 #[tokio::test]
 async fn upstream_connection_close_is_not_reused() {
-    let up = upstream(Behaviour { max_requests: Some(2), announce_last: true, ..Behaviour::default() }).await;
+    let up = upstream(Behaviour {
+        max_requests: Some(2),
+        announce_last: true,
+        ..Behaviour::default()
+    })
+    .await;
     let kg = start(config(&[up.addr()])).await;
     let mut client = Client::connect(kg.addr).await;
     for _ in 0..6 {
@@ -84,7 +101,11 @@ async fn upstream_connection_close_is_not_reused() {
 
 #[tokio::test]
 async fn idle_upstream_connections_are_closed_by_kaguard_after_keepalive_timeout() {
-    let up = upstream(Behaviour { idle_timeout: None, ..Behaviour::default() }).await;
+    let up = upstream(Behaviour {
+        idle_timeout: None,
+        ..Behaviour::default()
+    })
+    .await;
     let mut cfg = config(&[up.addr()]);
     cfg.upstreams[0].keepalive_timeout = Duration::from_millis(200);
     let kg = start(cfg).await;
@@ -95,10 +116,17 @@ async fn idle_upstream_connections_are_closed_by_kaguard_after_keepalive_timeout
     );
     let deadline = tokio::time::Instant::now() + PATIENCE;
     while kg.metric(&series).await < 1.0 {
-        assert!(tokio::time::Instant::now() < deadline, "kaguard never closed the idle connection");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "kaguard never closed the idle connection"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(kg.metric(r#"kaguard_upstream_pool_idle{upstream="default"}"#).await, 0.0);
+    assert_eq!(
+        kg.metric(r#"kaguard_upstream_pool_idle{upstream="default"}"#)
+            .await,
+        0.0
+    );
     // The next request needs a new connection.
     assert_eq!(get(kg.addr, "/").await.status(), 200);
     assert_eq!(up.connections(), 2);
@@ -106,17 +134,27 @@ async fn idle_upstream_connections_are_closed_by_kaguard_after_keepalive_timeout
 
 #[tokio::test]
 async fn idle_list_never_holds_more_than_keepalive() {
-    let up = upstream(Behaviour { delay: Duration::from_millis(100), ..Behaviour::default() }).await;
+    let up = upstream(Behaviour {
+        delay: Duration::from_millis(100),
+        ..Behaviour::default()
+    })
+    .await;
     let mut cfg = config(&[up.addr()]);
     cfg.upstreams[0].keepalive = 2;
     let kg = start(cfg).await;
     let addr = kg.addr;
-    let tasks: Vec<_> = (0..6).map(|_| tokio::spawn(async move { get(addr, "/").await.status() })).collect();
+    let tasks: Vec<_> = (0..6)
+        .map(|_| tokio::spawn(async move { get(addr, "/").await.status() }))
+        .collect();
     for t in tasks {
         assert_eq!(t.await.unwrap(), 200);
     }
     assert_eq!(up.connections(), 6);
-    assert_eq!(kg.metric(r#"kaguard_upstream_pool_idle{upstream="default"}"#).await, 2.0);
+    assert_eq!(
+        kg.metric(r#"kaguard_upstream_pool_idle{upstream="default"}"#)
+            .await,
+        2.0
+    );
     let series = format!(
         r#"kaguard_upstream_connections_closed_total{{upstream="default",server="{}",reason="pool_full"}}"#,
         up.addr()

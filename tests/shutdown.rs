@@ -25,7 +25,10 @@ async fn shutdown_loses_no_in_flight_request() {
     // Let the slow requests reach the upstream before shutdown begins.
     let deadline = tokio::time::Instant::now() + PATIENCE;
     while up.requests() < 6 {
-        assert!(tokio::time::Instant::now() < deadline, "requests never reached the upstream");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "requests never reached the upstream"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(kg.shutdown().await, "drain did not finish");
@@ -34,6 +37,12 @@ async fn shutdown_loses_no_in_flight_request() {
         assert_eq!(resp.status(), 200);
         assert_eq!(header(resp.headers(), "connection"), Some("close"));
     }
-    assert!(idle.closed_within(PATIENCE).await, "idle client connection left open");
-    assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "still accepting");
+    assert!(
+        idle.closed_within(PATIENCE).await,
+        "idle client connection left open"
+    );
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "still accepting"
+    );
 }

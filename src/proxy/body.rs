@@ -243,9 +243,19 @@ impl Body for RequestBody {
     }
 }
 
+/// How a response body ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum End {
+    Complete,
+    /// The upstream failed or stalled after the response had started.
+    UpstreamFailed,
+    /// The body was dropped before its end: the client went away.
+    Abandoned,
+}
+
 /// Called once when a response body ends, completely or not.
 pub trait OnEnd: Send + Sync + 'static {
-    fn on_end(self: Box<Self>, complete: bool, body_bytes: u64);
+    fn on_end(self: Box<Self>, end: End, body_bytes: u64);
 }
 
 /// The response body on its way to the client.
@@ -299,17 +309,21 @@ impl ResponseBody {
         self
     }
 
-    fn finish(&mut self, complete: bool) {
+    fn finish(&mut self, end: End) {
         if let Some(on_end) = self.on_end.take() {
-            on_end.on_end(complete, self.sent);
+            on_end.on_end(end, self.sent);
         }
     }
 }
 
 impl Drop for ResponseBody {
     fn drop(&mut self) {
-        let complete = self.is_end_stream();
-        self.finish(complete);
+        let end = if self.is_end_stream() {
+            End::Complete
+        } else {
+            End::Abandoned
+        };
+        self.finish(end);
     }
 }
 
@@ -350,11 +364,11 @@ impl Body for ResponseBody {
         };
         match ready!(polled) {
             None => {
-                this.finish(true);
+                this.finish(End::Complete);
                 Poll::Ready(None)
             }
             Some(Err(err)) => {
-                this.finish(false);
+                this.finish(End::UpstreamFailed);
                 Poll::Ready(Some(Err(err)))
             }
             Some(Ok(frame)) => {

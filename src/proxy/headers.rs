@@ -78,20 +78,26 @@ pub fn to_upstream(headers: &mut HeaderMap, fwd: &Forwarded<'_>, reuse: bool) ->
     // first read), so the upstream never waits for a continue that nobody relays.
     headers.remove(header::EXPECT);
 
-    let ip = fwd.client_ip.to_string();
-    let xff = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {ip}"),
-        None => ip,
-    };
+    // Every X-Forwarded-For line the client sent, in order, then the client itself.
+    let mut xff = String::new();
+    for prev in headers
+        .get_all(X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+    {
+        xff.push_str(prev);
+        xff.push_str(", ");
+    }
+    xff.push_str(&fwd.client_ip.to_string());
     headers.remove(X_FORWARDED_FOR);
     if let Ok(v) = HeaderValue::from_str(&xff) {
         headers.insert(X_FORWARDED_FOR, v);
     }
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     if let Some(host) = fwd.host.and_then(|h| HeaderValue::from_str(h).ok()) {
-        if !headers.contains_key(header::HOST) {
-            headers.insert(header::HOST, host.clone());
-        }
+        // `host` comes from the request target when it was absolute-form, and then it
+        // replaces whatever Host the client sent (RFC 9112 §3.2.2).
+        headers.insert(header::HOST, host.clone());
         headers.insert(X_FORWARDED_HOST, host);
     }
     if !reuse {

@@ -21,7 +21,9 @@ use tokio::net::TcpStream;
 pub const PATIENCE: Duration = Duration::from_secs(10);
 
 pub async fn upstream(behaviour: Behaviour) -> TestUpstream {
-    TestUpstream::start("127.0.0.1:0".parse().unwrap(), behaviour).await.expect("test upstream starts")
+    TestUpstream::start("127.0.0.1:0".parse().unwrap(), behaviour)
+        .await
+        .expect("test upstream starts")
 }
 
 /// A config with every default, one group "default" holding `servers`.
@@ -49,8 +51,15 @@ pub async fn start(mut config: Config) -> Kaguard {
     let _ = std::fs::remove_file(&log);
     config.access_log = AccessLog::File(log.clone());
     config.admin = Some("127.0.0.1:0".parse().unwrap());
-    let running = kaguard::server::start(&config).await.expect("kaguard starts");
-    Kaguard { addr: running.listen[0], admin: running.admin.unwrap(), log, running: Some(running) }
+    let running = kaguard::server::start(&config)
+        .await
+        .expect("kaguard starts");
+    Kaguard {
+        addr: running.listen[0],
+        admin: running.admin.unwrap(),
+        log,
+        running: Some(running),
+    }
 }
 
 impl Kaguard {
@@ -68,7 +77,10 @@ impl Kaguard {
     pub async fn metric(&self, series: &str) -> f64 {
         let text = self.metrics().await;
         text.lines()
-            .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+            .find_map(|l| {
+                l.strip_prefix(series)
+                    .and_then(|rest| rest.strip_prefix(' '))
+            })
             .map(|v| v.trim().parse().unwrap())
             .unwrap_or(0.0)
     }
@@ -78,8 +90,10 @@ impl Kaguard {
         let deadline = tokio::time::Instant::now() + PATIENCE;
         loop {
             let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-            let lines: Vec<serde_json::Value> =
-                text.lines().map(|l| serde_json::from_str(l).expect("each line is JSON")).collect();
+            let lines: Vec<serde_json::Value> = text
+                .lines()
+                .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+                .collect();
             if lines.len() >= n || tokio::time::Instant::now() > deadline {
                 return lines;
             }
@@ -103,7 +117,9 @@ pub struct Client {
 impl Client {
     pub async fn connect(addr: SocketAddr) -> Client {
         let stream = TcpStream::connect(addr).await.expect("connect");
-        let (sender, conn) = http1::handshake(TokioIo::new(stream)).await.expect("handshake");
+        let (sender, conn) = http1::handshake(TokioIo::new(stream))
+            .await
+            .expect("handshake");
         let task = tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -123,11 +139,20 @@ impl Client {
     }
 
     pub async fn get(&mut self, path: &str) -> Response<Bytes> {
-        self.send(Request::get(path).header("host", "test").body(Full::default()).unwrap()).await
+        self.send(
+            Request::get(path)
+                .header("host", "test")
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await
     }
 
     pub async fn post(&mut self, path: &str, body: &'static [u8]) -> Response<Bytes> {
-        let req = Request::post(path).header("host", "test").body(Full::new(Bytes::from_static(body))).unwrap();
+        let req = Request::post(path)
+            .header("host", "test")
+            .body(Full::new(Bytes::from_static(body)))
+            .unwrap();
         self.send(req).await
     }
 
@@ -178,4 +203,39 @@ pub fn empty() -> Empty<Bytes> {
 
 pub fn ok(status: StatusCode) -> bool {
     status.is_success()
+}
+
+/// An upstream that reads one request head per connection (no body), answers with exactly
+/// `response`, whatever framing those bytes promise, and closes with FIN. For what the test
+/// upstream cannot produce: a body cut short, arbitrary response headers. Returns its address
+/// and the number of connections it accepted; it stops with the test's runtime.
+pub async fn scripted_upstream(response: &'static [u8]) -> (SocketAddr, std::sync::Arc<AtomicU64>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind scripted upstream");
+    let addr = listener.local_addr().expect("bound address");
+    let accepted = std::sync::Arc::new(AtomicU64::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tokio::time::timeout(PATIENCE, stream.read(&mut buf)).await {
+                        Ok(Ok(n)) if n > 0 && head.len() < 64 * 1024 => {
+                            head.extend_from_slice(&buf[..n])
+                        }
+                        _ => return,
+                    }
+                }
+                let _ = stream.write_all(response).await;
+                let _ = stream.shutdown().await;
+                // Wait (bounded) for the peer to close, so nothing unread turns our close into RST.
+                let _ = tokio::time::timeout(PATIENCE, stream.read(&mut buf)).await;
+            });
+        }
+    });
+    (addr, accepted)
 }

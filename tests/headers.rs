@@ -1,0 +1,289 @@
+//! Header rules: hop-by-hop headers stop at kaguard in both directions; Host, X-Forwarded-*
+//! and X-Request-Id go up; the access log line describes the exchange.
+
+mod support;
+
+use http::Request;
+use http_body_util::Full;
+use kaguard::tools::upstream::{Behaviour, SeenRequest, TestUpstream};
+use support::*;
+
+/// The last request the upstream saw.
+fn last_seen(up: &TestUpstream) -> SeenRequest {
+    up.seen().pop().expect("the upstream saw a request")
+}
+
+fn builder(path: &str) -> http::request::Builder {
+    Request::get(path).header("host", "test")
+}
+
+#[tokio::test]
+async fn hop_by_hop_request_headers_do_not_reach_the_upstream() {
+    let up = upstream(Behaviour::default()).await;
+    let kg = start(config(&[up.addr()])).await;
+    let hop_by_hop = [
+        ("connection", "x-custom"),
+        ("x-custom", "1"),
+        ("keep-alive", "timeout=5"),
+        ("proxy-connection", "keep-alive"),
+        ("te", "trailers"),
+        ("trailer", "x"),
+        ("upgrade", "websocket"),
+        ("proxy-authorization", "basic x"),
+    ];
+    let request = || {
+        let mut req = builder("/").header("x-ordinary", "yes");
+        for (name, value) in hop_by_hop {
+            req = req.header(name, value);
+        }
+        req.body(Full::default()).unwrap()
+    };
+    // Straight to the upstream first: proves the client really sends every one of them.
+    assert_eq!(
+        Client::connect(up.addr())
+            .await
+            .send(request())
+            .await
+            .status(),
+        200
+    );
+    let direct = last_seen(&up);
+    for (name, value) in hop_by_hop {
+        assert_eq!(
+            header(&direct.headers, name),
+            Some(value),
+            "the client did not send {name}"
+        );
+    }
+    let resp = Client::connect(kg.addr).await.send(request()).await;
+    assert_eq!(resp.status(), 200);
+    let seen = last_seen(&up);
+    for (name, _) in hop_by_hop {
+        assert!(
+            !seen.headers.contains_key(name),
+            "{name} reached the upstream: {:?}",
+            seen.headers
+        );
+    }
+    assert_eq!(header(&seen.headers, "x-ordinary"), Some("yes"));
+}
+
+#[tokio::test]
+async fn upstream_keep_alive_is_replaced_by_kaguards_own() {
+    let up = upstream(Behaviour {
+        hint: true,
+        ..Behaviour::default()
+    })
+    .await;
+    let direct = get(up.addr(), "/").await;
+    assert_eq!(
+        header(direct.headers(), "keep-alive"),
+        Some("timeout=5"),
+        "the upstream sends its hint"
+    );
+    let kg = start(config(&[up.addr()])).await;
+    let resp = get(kg.addr, "/").await;
+    let values: Vec<_> = resp.headers().get_all("keep-alive").iter().collect();
+    assert_eq!(values, ["timeout=620"]);
+}
+
+#[tokio::test]
+async fn content_length_response_reaches_the_client_without_transfer_encoding() {
+    let up = upstream(Behaviour::default()).await;
+    let kg = start(config(&[up.addr()])).await;
+    let resp = get(kg.addr, "/?size=1000").await;
+    assert_eq!(header(resp.headers(), "content-length"), Some("1000"));
+    assert_eq!(header(resp.headers(), "transfer-encoding"), None);
+    assert_eq!(resp.body().len(), 1000);
+}
+
+#[tokio::test]
+async fn hop_by_hop_response_headers_do_not_reach_the_client() {
+    let (addr, _) = scripted_upstream(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: x-secret\r\nX-Secret: 1\r\n\
+          Keep-Alive: timeout=5\r\nProxy-Authenticate: Basic\r\nTrailer: x-t\r\nUpgrade: h2c\r\n\
+          X-Kept: yes\r\n\r\nOK",
+    )
+    .await;
+    let kg = start(config(&[addr])).await;
+    let resp = get(kg.addr, "/").await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.body().as_ref(), b"OK");
+    let h = resp.headers();
+    for name in ["x-secret", "proxy-authenticate", "trailer", "upgrade"] {
+        assert!(!h.contains_key(name), "{name} reached the client: {h:?}");
+    }
+    assert!(
+        h.get_all("connection").iter().all(|v| v != "x-secret"),
+        "{h:?}"
+    );
+    assert_eq!(
+        h.get_all("keep-alive").iter().collect::<Vec<_>>(),
+        ["timeout=620"]
+    );
+    assert_eq!(header(h, "x-kept"), Some("yes"));
+}
+
+#[tokio::test]
+async fn host_is_passed_through_and_copied_to_x_forwarded_host() {
+    let up = upstream(Behaviour::default()).await;
+    let kg = start(config(&[up.addr()])).await;
+    let req = Request::get("/")
+        .header("host", "Example.test:8080")
+        .body(Full::default())
+        .unwrap();
+    assert_eq!(Client::connect(kg.addr).await.send(req).await.status(), 200);
+    let seen = last_seen(&up);
+    assert_eq!(header(&seen.headers, "host"), Some("Example.test:8080"));
+    assert_eq!(
+        header(&seen.headers, "x-forwarded-host"),
+        Some("Example.test:8080")
+    );
+}
+
+#[tokio::test]
+async fn absolute_form_target_replaces_the_host_header() {
+    let up = upstream(Behaviour::default()).await;
+    let kg = start(config(&[up.addr()])).await;
+    let req = Request::get("http://right.test/path")
+        .header("host", "wrong.test")
+        .body(Full::default())
+        .unwrap();
+    assert_eq!(Client::connect(kg.addr).await.send(req).await.status(), 200);
+    let seen = last_seen(&up);
+    assert_eq!(seen.uri, "/path");
+    assert_eq!(
+        header(&seen.headers, "x-forwarded-host"),
+        Some("right.test")
+    );
+    assert_eq!(header(&seen.headers, "host"), Some("right.test"));
+}
+
+#[tokio::test]
+async fn x_forwarded_for_is_appended_to_the_clients_value() {
+    let up = upstream(Behaviour::default()).await;
+    let kg = start(config(&[up.addr()])).await;
+    let req = builder("/")
+        .header("x-forwarded-for", "10.0.0.1")
+        .body(Full::default())
+        .unwrap();
+    assert_eq!(Client::connect(kg.addr).await.send(req).await.status(), 200);
+    let seen = last_seen(&up);
+    let values: Vec<_> = seen.headers.get_all("x-forwarded-for").iter().collect();
+    assert_eq!(values, ["10.0.0.1, 127.0.0.1"]);
+}
+
+#[tokio::test]
+async fn x_forwarded_for_keeps_every_line_the_client_sent() {
+    let up = upstream(Behaviour::default()).await;
+    let kg = start(config(&[up.addr()])).await;
+    let req = builder("/")
+        .header("x-forwarded-for", "10.0.0.1")
+        .header("x-forwarded-for", "10.0.0.2")
+        .body(Full::default())
+        .unwrap();
+    assert_eq!(Client::connect(kg.addr).await.send(req).await.status(), 200);
+    let seen = last_seen(&up);
+    let values: Vec<_> = seen.headers.get_all("x-forwarded-for").iter().collect();
+    assert_eq!(values, ["10.0.0.1, 10.0.0.2, 127.0.0.1"]);
+}
+
+#[tokio::test]
+async fn x_forwarded_for_and_proto_are_set_when_the_client_sent_none() {
+    let up = upstream(Behaviour::default()).await;
+    let kg = start(config(&[up.addr()])).await;
+    assert_eq!(get(kg.addr, "/").await.status(), 200);
+    let seen = last_seen(&up);
+    let values: Vec<_> = seen.headers.get_all("x-forwarded-for").iter().collect();
+    assert_eq!(values, ["127.0.0.1"]);
+    assert_eq!(header(&seen.headers, "x-forwarded-proto"), Some("http"));
+}
+
+#[tokio::test]
+async fn client_request_id_is_forwarded_and_logged() {
+    let up = upstream(Behaviour::default()).await;
+    let kg = start(config(&[up.addr()])).await;
+    let req = builder("/")
+        .header("x-request-id", "client-id-42")
+        .body(Full::default())
+        .unwrap();
+    assert_eq!(Client::connect(kg.addr).await.send(req).await.status(), 200);
+    assert_eq!(
+        header(&last_seen(&up).headers, "x-request-id"),
+        Some("client-id-42")
+    );
+    let lines = kg.log_lines(1).await;
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["request_id"], "client-id-42");
+}
+
+#[tokio::test]
+async fn missing_request_id_is_generated_forwarded_and_logged() {
+    let up = upstream(Behaviour::default()).await;
+    let kg = start(config(&[up.addr()])).await;
+    let mut client = Client::connect(kg.addr).await;
+    assert_eq!(client.get("/").await.status(), 200);
+    assert_eq!(client.get("/").await.status(), 200);
+    let seen = up.seen();
+    let ids: Vec<&str> = seen
+        .iter()
+        .map(|r| header(&r.headers, "x-request-id").expect("an id"))
+        .collect();
+    for id in &ids {
+        assert_eq!(id.len(), 32, "{id}");
+        assert!(id.bytes().all(|b| b.is_ascii_hexdigit()), "{id}");
+    }
+    assert_ne!(ids[0], ids[1], "two requests got the same id");
+    let lines = kg.log_lines(2).await;
+    let logged: Vec<&str> = lines
+        .iter()
+        .map(|l| l["request_id"].as_str().expect("a string"))
+        .collect();
+    assert_eq!(logged, ids);
+}
+
+#[tokio::test]
+async fn access_log_line_of_a_reused_connection_describes_the_exchange() {
+    let up = upstream(Behaviour::default()).await;
+    let kg = start(config(&[up.addr()])).await;
+    let mut client = Client::connect(kg.addr).await;
+    for _ in 0..2 {
+        let req = builder("/path")
+            .header("user-agent", "kaguard-test/1.0")
+            .body(Full::default())
+            .unwrap();
+        assert_eq!(client.send(req).await.status(), 200);
+    }
+    assert_eq!(up.connections(), 1);
+    let lines = kg.log_lines(2).await;
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    let (first, line) = (&lines[0], &lines[1]);
+    assert_eq!(first["upstream_connection_reused"], false, "{first}");
+    assert_eq!(first["upstream_connection_requests"], 1, "{first}");
+    assert_eq!(first["connection_requests"], 1, "{first}");
+    assert_eq!(line["connection"], first["connection"], "{line}");
+    assert_eq!(line["upstream_connection_reused"], true, "{line}");
+    assert_eq!(line["upstream_connection_requests"], 2, "{line}");
+    assert_eq!(line["connection_requests"], 2, "{line}");
+    assert_eq!(line["attempts"], 1, "{line}");
+    assert_eq!(line["status"], 200, "{line}");
+    assert_eq!(line["upstream_status"], 200, "{line}");
+    assert_eq!(line["upstream_addr"], up.addr().to_string(), "{line}");
+    assert_eq!(line["upstream"], "default", "{line}");
+    assert_eq!(line["request"], "GET /path HTTP/1.1", "{line}");
+    assert_eq!(line["http_user_agent"], "kaguard-test/1.0", "{line}");
+    assert_eq!(line["remote_addr"], "127.0.0.1", "{line}");
+    assert_eq!(line["body_bytes_sent"], 2, "{line}");
+    assert_eq!(line["response_flags"], "", "{line}");
+    let request_time = line["request_time"]
+        .as_f64()
+        .expect("request_time is a number");
+    assert!((0.0..60.0).contains(&request_time), "{line}");
+    let timestamp = line["timestamp"].as_str().expect("timestamp is a string");
+    assert!(timestamp.ends_with('Z'), "{line}");
+    let at = humantime::parse_rfc3339(timestamp).expect("timestamp is ISO 8601");
+    let age = std::time::SystemTime::now()
+        .duration_since(at)
+        .expect("timestamp not in the future");
+    assert!(age < std::time::Duration::from_secs(600), "{line}");
+}
