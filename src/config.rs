@@ -11,6 +11,7 @@ use std::time::Duration;
 
 mod error;
 mod raw;
+mod retry;
 mod units;
 mod validate;
 
@@ -30,6 +31,9 @@ pub struct Config {
     pub upstreams: Vec<UpstreamGroupConfig>,
     /// May be empty: then the only upstream group takes every request.
     pub routes: Vec<RouteConfig>,
+    /// The file's `[retry]`: what requests get when there are no routes, and what every
+    /// `[route.retry]` starts from.
+    pub retry: RetryPolicy,
     pub access_log: AccessLog,
     /// Address of the admin listener; `None` means none.
     pub admin: Option<SocketAddr>,
@@ -75,6 +79,115 @@ pub struct UpstreamGroupConfig {
     pub read_timeout: Duration,
     /// Between two successive writes to the upstream.
     pub send_timeout: Duration,
+    /// The race guards, all on by default.
+    pub guards: Guards,
+    /// Request bodies up to this many bytes are held so the request can be sent again; a
+    /// larger body that was already partly sent is never replayed.
+    pub replay_buffer: usize,
+    pub on_unretryable: OnUnretryable,
+    pub retry_budget: RetryBudget,
+}
+
+/// The keep-alive race guards of an upstream group; each can be switched off for tests and
+/// comparison.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Guards {
+    /// Peek the socket for FIN, RST or stray bytes just before reuse.
+    pub check_before_reuse: bool,
+    /// Obey the upstream's `Keep-Alive: timeout=N, max=M`.
+    pub honor_hints: bool,
+    /// Learn the upstream's real idle timeout and request cap from its closes.
+    pub learn: bool,
+    /// Close idle connections before the effective budget runs out.
+    pub close_first: bool,
+    /// Requests that must not be retried take only settled, young-enough connections.
+    pub risk_aware_checkout: bool,
+    /// Resend a request that failed on a reused connection before any response byte, when safe.
+    pub safe_retry: bool,
+}
+
+impl Guards {
+    /// Every guard on: the default, and the point of kaguard.
+    pub const ON: Guards = Guards {
+        check_before_reuse: true,
+        honor_hints: true,
+        learn: true,
+        close_first: true,
+        risk_aware_checkout: true,
+        safe_retry: true,
+    };
+    /// Every guard off: a plain keep-alive pool, for tests and comparison.
+    pub const OFF: Guards = Guards {
+        check_before_reuse: false,
+        honor_hints: false,
+        learn: false,
+        close_first: false,
+        risk_aware_checkout: false,
+        safe_retry: false,
+    };
+}
+
+impl Default for Guards {
+    fn default() -> Self {
+        Guards::ON
+    }
+}
+
+/// What a client gets when its request failed on a reused connection before any response byte
+/// and may not be sent again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnUnretryable {
+    /// Answer 502 (file: `"502"`).
+    BadGateway,
+    /// Close the client connection without a response if it already carried a request, so the
+    /// client's own retry rules apply, as HAProxy does; otherwise answer 502 (file: `"close"`).
+    CloseClient,
+}
+
+/// Caps retries so that a failing group is not hit with a multiple of its load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryBudget {
+    /// Retries in flight may be at most this share of the requests in flight in the group;
+    /// 0..=100.
+    pub percent: u32,
+    /// Retries in flight allowed whatever the share, so a quiet group can still retry.
+    pub min_concurrency: u32,
+}
+
+/// When a failed request is sent again, in Envoy's terms.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryPolicy {
+    pub retry_on: RetryOn,
+    /// The statuses `retry_on.retriable_status_codes` retries; each 100..=599.
+    pub retriable_status_codes: Vec<u16>,
+    /// Tries in all, the first included; 1..=10.
+    pub attempts: u32,
+    /// Limit on each try until the response head; `None` means the group's `read_timeout`
+    /// alone applies (the file's "0s").
+    pub per_try_timeout: Option<Duration>,
+    /// Wait before the first retry, jittered and doubled for each one after.
+    pub backoff_base: Duration,
+    /// Longest wait between tries; at least `backoff_base`.
+    pub backoff_max: Duration,
+    /// Whether requests that are not idempotent (POST, PATCH, ... without `Idempotency-Key`)
+    /// may be retried on reset, timeout or status; RFC 9110 9.2.2 says a proxy must not.
+    pub retry_non_idempotent: bool,
+}
+
+/// The failures a [`RetryPolicy`] retries; the file lists them by Envoy's names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RetryOn {
+    /// `connect-failure`: the connection could not be opened, so nothing was sent.
+    pub connect_failure: bool,
+    /// `reset`: the connection closed or reset before any response byte.
+    pub reset: bool,
+    /// `refused-stream`: the upstream refused the request unprocessed (HTTP/2 REFUSED_STREAM).
+    pub refused_stream: bool,
+    /// `retriable-status-codes`: the response status is in `retriable_status_codes`.
+    pub retriable_status_codes: bool,
+    /// `timeout`: a try timed out before the response head (`per_try_timeout`, or the group's
+    /// `read_timeout` when there is none).
+    pub timeout: bool,
 }
 
 /// One upstream server.
@@ -95,6 +208,8 @@ pub struct RouteConfig {
     pub path_prefix: String,
     /// Names one of `Config::upstreams`.
     pub upstream: String,
+    /// The route's `[route.retry]` over the file's `[retry]`, every key resolved.
+    pub retry: RetryPolicy,
 }
 
 /// Where the access log goes.
@@ -157,6 +272,60 @@ impl UpstreamGroupConfig {
             // nginx's `proxy_read_timeout` and `proxy_send_timeout`.
             read_timeout: Duration::from_secs(60),
             send_timeout: Duration::from_secs(60),
+            // The guards are what kaguard is for; switching them off is for tests and for
+            // measuring what they are worth.
+            guards: Guards::ON,
+            // Pingora's retry buffer: holds the bodies of typical API calls and forms, while a
+            // request in flight never holds more than this for replay.
+            replay_buffer: 64 * 1024,
+            // What nginx, Envoy and Go answer, and what monitoring expects; closing the client
+            // connection relies on the client to retry, which browsers do and many API
+            // clients do not.
+            on_unretryable: OnUnretryable::BadGateway,
+            retry_budget: RetryBudget::default(),
+        }
+    }
+}
+
+impl Default for RetryBudget {
+    fn default() -> Self {
+        Self {
+            // Envoy's: a struggling group sees at most 1.2 times its load, not `attempts`
+            // times.
+            percent: 20,
+            // Envoy's: with few requests in flight a share of them rounds to no retry at all.
+            min_concurrency: 3,
+        }
+    }
+}
+
+impl Default for RetryPolicy {
+    /// The built-in policy: what the file's `[retry]` starts from.
+    fn default() -> Self {
+        Self {
+            // nginx users expect `proxy_next_upstream error timeout`-like recovery from
+            // connection errors; `reset` retries only idempotent requests (see
+            // `retry_non_idempotent`), which RFC 9110 allows.
+            retry_on: RetryOn {
+                connect_failure: true,
+                reset: true,
+                ..RetryOn::default()
+            },
+            // Statuses are retried only when asked for: only the operator knows which of
+            // them mean "not processed".
+            retriable_status_codes: Vec::new(),
+            // One retry, as Envoy's `num_retries: 1` once retries are on: it recovers from
+            // one bad connection or server without multiplying load.
+            attempts: 2,
+            // Envoy's (none): the group's `read_timeout` already bounds a silent upstream.
+            per_try_timeout: None,
+            // Envoy's: long enough to let a restarting server's socket close, short enough
+            // to add nothing a user notices.
+            backoff_base: Duration::from_millis(25),
+            // Envoy's 10 x base.
+            backoff_max: Duration::from_millis(250),
+            // RFC 9110 9.2.2: "A proxy MUST NOT automatically retry non-idempotent requests."
+            retry_non_idempotent: false,
         }
     }
 }

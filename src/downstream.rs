@@ -3,7 +3,6 @@
 
 mod io;
 
-use std::convert::Infallible;
 use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::pin::pin;
@@ -12,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
@@ -23,7 +22,7 @@ use tokio::sync::Notify;
 
 use crate::config::DownstreamConfig;
 use crate::proxy::body::ResponseBody;
-use crate::proxy::{Client, Proxy, headers};
+use crate::proxy::{Abort, Client, Proxy, headers};
 use io::{DownstreamIo, Tracker, Wait};
 
 /// How much longer than announced an idle client connection is held. Clients that honor
@@ -110,7 +109,7 @@ impl Downstream {
         let service = service_fn(move |req: Request<Incoming>| {
             let this = this.clone();
             let tracker = service_tracker.clone();
-            async move { Ok::<_, Infallible>(this.request(req, addr, serial, tracker).await) }
+            async move { this.request(req, addr, serial, tracker).await }
         });
         let conn = http1::Builder::new()
             .keep_alive(true)
@@ -174,8 +173,11 @@ impl Downstream {
         addr: SocketAddr,
         serial: u64,
         tracker: Arc<Tracker>,
-    ) -> Response<ResponseBody> {
+    ) -> Result<Response<ResponseBody>, Abort> {
         let (requests, conflicting_framing) = tracker.begin();
+        // Ends the request on its connection when the response body is dropped, or right
+        // away if the proxy asks to abort.
+        let in_flight = InFlight(tracker.clone());
         let keep_alive = headers::wants_keep_alive(req.version(), req.headers());
         let client = Client {
             addr,
@@ -183,7 +185,7 @@ impl Downstream {
             requests,
             conflicting_framing,
         };
-        let resp = self.proxy.handle(req, client).await;
+        let resp = self.proxy.handle(req, client).await?;
         let (mut parts, body) = resp.into_parts();
         let last = !keep_alive
             || conflicting_framing
@@ -199,11 +201,9 @@ impl Downstream {
                 .headers
                 .insert(HeaderName::from_static("keep-alive"), self.hint.clone());
         }
-        Response::from_parts(parts, body.guard(Box::new(InFlight(tracker))))
+        Ok(Response::from_parts(parts, body.guard(Box::new(in_flight))))
     }
 }
-
-use http::header::HeaderName;
 
 /// Marks the end of a request on its client connection when the response body is dropped.
 struct InFlight(Arc<Tracker>);

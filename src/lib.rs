@@ -13,6 +13,7 @@ pub mod error;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;
+pub mod retry;
 pub mod reuse;
 pub mod route;
 pub mod server;

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use kaguard::config::{AccessLog, Config};
+use kaguard::tools::race::RaceArgs;
 use kaguard::tools::upstream::UpstreamArgs;
 
 const EXAMPLES: &str = "\
@@ -12,7 +13,8 @@ Examples:
   kaguard run --listen 127.0.0.1:8080 --upstream 127.0.0.1:3000
   kaguard run --config examples/kaguard.toml
   kaguard check --config examples/kaguard.toml
-  kaguard upstream --listen 127.0.0.1:3000 --preset node";
+  kaguard upstream --listen 127.0.0.1:3000 --preset node
+  kaguard race --target http://127.0.0.1:8080/ --timeout 500ms --method post";
 
 /// A reverse proxy that does not lose the keep-alive race to its upstreams.
 #[derive(Parser, Debug)]
@@ -36,6 +38,8 @@ enum Command {
     },
     /// Run a test upstream server that closes keep-alive connections like app servers do.
     Upstream(UpstreamArgs),
+    /// Provoke the keep-alive race through any proxy and count what the client sees.
+    Race(RaceArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -82,6 +86,13 @@ fn main() -> ExitCode {
         Command::Upstream(args) => {
             match runtime(0).and_then(|rt| rt.block_on(kaguard::tools::upstream::run(args))) {
                 Ok(()) => ExitCode::SUCCESS,
+                Err(err) => fail(err),
+            }
+        }
+        Command::Race(args) => {
+            match runtime(0).map(|rt| rt.block_on(kaguard::tools::race::run(args))) {
+                Ok(Ok(_report)) => ExitCode::SUCCESS,
+                Ok(Err(err)) => fail(err),
                 Err(err) => fail(err),
             }
         }

@@ -1,14 +1,30 @@
-//! Idle upstream connections of one upstream group: checkout, checkin, expire. No I/O.
+//! Idle connections of one upstream group: checkout, checkin, expire. No I/O, no clock.
 //!
-//! The pool never reads a clock or a socket: callers pass `now`, and connections it refuses
-//! are handed to a `closed` callback with the reason, so the caller closes them and counts
-//! them. Idle connections form one list per group, least recently used at the front, so the
-//! `keepalive` cap and LRU eviction are per group (as in nginx) while checkout picks by server.
+//! Callers pass `now`; connections the pool refuses go to a `closed` callback with the reason,
+//! so the caller closes and counts them; whether a connection is still open is asked through
+//! an `alive` callback, so the socket check stays outside. Idle connections form one list per
+//! group, least recently used at the front, so the `keepalive` cap and LRU eviction are per
+//! group (as in nginx) while checkout picks by server, and each server has its own learner.
+
+pub mod learn;
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use crate::reuse::{self, Moment, Reason, Returning};
+use crate::reuse::{self, Budget, Moment, Reason, Returning};
+use learn::{Change, Learner};
+
+/// A connection younger than this (idle since its last response) may still have its
+/// upstream's FIN in flight: a server that closes after its N-th response without saying so
+/// does it right after the write, and loopback or LAN deliver that FIN in well under this,
+/// even on a loaded host. Requests that must not be retried wait until a connection settles.
+pub const SETTLE: Duration = Duration::from_millis(5);
+
+/// Requests that must not be retried take only connections idle for at most this share of
+/// an unconfirmed budget (numerator, denominator): one that is only `keepalive_timeout`, with
+/// nothing known of the upstream's own timeout. A budget lowered by a hint or by learning
+/// already sits a margin below the upstream's real timeout and is used whole.
+const SAFE_SHARE: (u32, u32) = (1, 2);
 
 /// The keep-alive limits of one upstream group.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -18,6 +34,16 @@ pub struct Limits {
     pub idle_timeout: Duration,
     pub max_requests: u64,
     pub max_lifetime: Duration,
+}
+
+/// The guards the pool applies itself (the others live in the proxy).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolGuards {
+    pub honor_hints: bool,
+    pub learn: bool,
+    /// The reaper closes at the lowered budget, not only at `keepalive_timeout`.
+    pub close_first: bool,
+    pub risk_aware_checkout: bool,
 }
 
 /// What the pool knows of a connection besides the connection itself.
@@ -30,6 +56,54 @@ pub struct ConnMeta {
     pub created: Instant,
     /// Requests sent on the connection so far, the current one included.
     pub requests: u64,
+    /// From the upstream's `Keep-Alive: timeout=N`: the idle budget it allows, margin taken.
+    pub hint_idle: Option<Duration>,
+    /// From the upstream's `Keep-Alive: max=M`: the request count it allows in all.
+    pub hint_requests: Option<u64>,
+}
+
+impl ConnMeta {
+    pub fn new(id: u64, server: usize, created: Instant) -> ConnMeta {
+        ConnMeta {
+            id,
+            server,
+            created,
+            requests: 0,
+            hint_idle: None,
+            hint_requests: None,
+        }
+    }
+}
+
+/// Whether a request may be sent again if it fails on a reused connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Risk {
+    Retryable,
+    MustNotRetry,
+}
+
+/// What the caller's liveness check found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Liveness {
+    Alive,
+    /// The upstream closed it, at about this instant.
+    Closed {
+        at: Instant,
+    },
+}
+
+/// Something the caller may want to log or count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// The upstream closed an idle connection this long after its last response.
+    UpstreamClosedIdle {
+        server: usize,
+        idle_for: Duration,
+    },
+    Learned {
+        server: usize,
+        change: Change,
+    },
 }
 
 /// A connection handed out by [`Pool::checkout`].
@@ -50,14 +124,20 @@ struct Entry<C> {
 /// The idle connections of one upstream group.
 pub struct Pool<C> {
     limits: Limits,
+    guards: PoolGuards,
     idle: VecDeque<Entry<C>>,
+    learners: Vec<Learner>,
+    events: Vec<Event>,
 }
 
 impl<C> Pool<C> {
-    pub fn new(limits: Limits) -> Pool<C> {
+    pub fn new(limits: Limits, guards: PoolGuards, servers: usize) -> Pool<C> {
         Pool {
             limits,
+            guards,
             idle: VecDeque::with_capacity(limits.keepalive),
+            learners: vec![Learner::default(); servers],
+            events: Vec::new(),
         }
     }
 
@@ -70,36 +150,144 @@ impl<C> Pool<C> {
         self.idle.len()
     }
 
-    /// Takes the most recently used idle connection to `server`, closing the ones on the way
-    /// that may no longer be reused.
+    /// Takes what happened since the last call, for logs and metrics.
+    pub fn take_events(&mut self) -> Vec<Event> {
+        std::mem::take(&mut self.events)
+    }
+
+    /// The learned idle budget and request cap of `server`, for metrics.
+    pub fn learned(&self, server: usize, now: Instant) -> (Option<Duration>, Option<u64>) {
+        let l = &self.learners[server];
+        (l.idle_budget(now), l.request_cap(now))
+    }
+
+    /// The limits for `meta` now: configured, lowered by hints and learning when those
+    /// guards are on.
+    pub fn budget(&self, meta: &ConnMeta, now: Instant) -> Budget {
+        let mut b = Budget {
+            reuse: self.limits.keepalive > 0,
+            idle: self.limits.idle_timeout,
+            idle_lowered: false,
+            max_requests: self.limits.max_requests,
+            requests_lowered: false,
+            max_lifetime: self.limits.max_lifetime,
+        };
+        let learner = &self.learners[meta.server];
+        let hints = if self.guards.honor_hints {
+            (meta.hint_idle, meta.hint_requests)
+        } else {
+            (None, None)
+        };
+        let learned = if self.guards.learn {
+            (learner.idle_budget(now), learner.request_cap(now))
+        } else {
+            (None, None)
+        };
+        for idle in [hints.0, learned.0].into_iter().flatten() {
+            if idle < b.idle {
+                b.idle = idle;
+                b.idle_lowered = true;
+            }
+        }
+        for cap in [hints.1, learned.1].into_iter().flatten() {
+            if cap < b.max_requests {
+                b.max_requests = cap;
+                b.requests_lowered = true;
+            }
+        }
+        b
+    }
+
+    /// The budget the reaper closes at: lowered only when kaguard is to close first.
+    fn reaper_budget(&self, meta: &ConnMeta, now: Instant) -> Budget {
+        let b = self.budget(meta, now);
+        if self.guards.close_first {
+            return b;
+        }
+        Budget {
+            idle: self.limits.idle_timeout,
+            idle_lowered: false,
+            ..b
+        }
+    }
+
+    /// Records that the upstream closed a connection `idle_for` after its last response.
+    pub fn observe_close(&mut self, meta: &ConnMeta, idle_for: Duration, now: Instant) {
+        if idle_for >= learn::CAP_CLOSE_WINDOW {
+            self.events.push(Event::UpstreamClosedIdle {
+                server: meta.server,
+                idle_for,
+            });
+        }
+        if !self.guards.learn {
+            return;
+        }
+        if let Some(change) = self.learners[meta.server].observe_close(idle_for, meta.requests, now)
+        {
+            self.events.push(Event::Learned {
+                server: meta.server,
+                change,
+            });
+        }
+    }
+
+    /// Lends an idle connection to `server`: the most recently used one that is within its
+    /// budget, that `alive` confirms, and, for a request that must not be retried, that has
+    /// settled and is comfortably inside its idle budget. Connections found unusable on the
+    /// way are closed; ones merely too young or too old for this request stay.
     pub fn checkout(
         &mut self,
         server: usize,
         now: Instant,
+        risk: Risk,
+        mut alive: impl FnMut(&C) -> Liveness,
         mut closed: impl FnMut(C, ConnMeta, Reason),
     ) -> Option<Reused<C>> {
+        let careful = risk == Risk::MustNotRetry && self.guards.risk_aware_checkout;
         let mut at = self.idle.len();
         while at > 0 {
             at -= 1;
-            if self.idle[at].meta.server != server {
+            let entry = &self.idle[at];
+            if entry.meta.server != server {
+                continue;
+            }
+            let budget = self.budget(&entry.meta, now);
+            let idle_for = now.saturating_duration_since(entry.since);
+            if let Err(reason) = reuse::decide(
+                &entry.meta,
+                Moment::Idle { since: entry.since },
+                &budget,
+                now,
+            ) {
+                let entry = self.idle.remove(at).expect("index is below len");
+                closed(entry.conn, entry.meta, reason);
+                continue;
+            }
+            let safe_idle = if budget.idle_lowered {
+                budget.idle
+            } else {
+                budget.idle * SAFE_SHARE.0 / SAFE_SHARE.1
+            };
+            if careful && (idle_for < SETTLE || idle_for > safe_idle) {
                 continue;
             }
             let entry = self.idle.remove(at).expect("index is below len");
-            match reuse::decide(
-                &entry.meta,
-                Moment::Idle { since: entry.since },
-                &self.limits,
-                now,
-            ) {
-                Ok(()) => {
-                    let idle_for = now.saturating_duration_since(entry.since);
+            match alive(&entry.conn) {
+                Liveness::Alive => {
                     return Some(Reused {
                         conn: entry.conn,
                         meta: entry.meta,
                         idle_for,
                     });
                 }
-                Err(reason) => closed(entry.conn, entry.meta, reason),
+                Liveness::Closed { at: closed_at } => {
+                    self.observe_close(
+                        &entry.meta,
+                        closed_at.saturating_duration_since(entry.since),
+                        now,
+                    );
+                    closed(entry.conn, entry.meta, Reason::ClosedByUpstream);
+                }
             }
         }
         None
@@ -116,7 +304,8 @@ impl<C> Pool<C> {
         now: Instant,
         mut closed: impl FnMut(C, ConnMeta, Reason),
     ) -> bool {
-        if let Err(reason) = reuse::decide(&meta, Moment::Checkin(returning), &self.limits, now) {
+        let budget = self.budget(&meta, now);
+        if let Err(reason) = reuse::decide(&meta, Moment::Checkin(returning), &budget, now) {
             closed(conn, meta, reason);
             return false;
         }
@@ -132,15 +321,27 @@ impl<C> Pool<C> {
         true
     }
 
-    /// Closes every idle connection that may no longer be reused at `now`.
-    pub fn expire(&mut self, now: Instant, mut closed: impl FnMut(C, ConnMeta, Reason)) {
-        let limits = self.limits;
+    /// Closes every idle connection that may no longer be reused at `now`, and every one
+    /// `alive` reports closed by the upstream.
+    pub fn expire(
+        &mut self,
+        now: Instant,
+        mut alive: impl FnMut(&C) -> Liveness,
+        mut closed: impl FnMut(C, ConnMeta, Reason),
+    ) {
         let mut kept = VecDeque::with_capacity(self.idle.len());
-        for entry in self.idle.drain(..) {
+        let idle = std::mem::take(&mut self.idle);
+        for entry in idle {
+            let budget = self.reaper_budget(&entry.meta, now);
+            if let Liveness::Closed { at } = alive(&entry.conn) {
+                self.observe_close(&entry.meta, at.saturating_duration_since(entry.since), now);
+                closed(entry.conn, entry.meta, Reason::ClosedByUpstream);
+                continue;
+            }
             match reuse::decide(
                 &entry.meta,
                 Moment::Idle { since: entry.since },
-                &limits,
+                &budget,
                 now,
             ) {
                 Ok(()) => kept.push_back(entry),
@@ -150,23 +351,6 @@ impl<C> Pool<C> {
         self.idle = kept;
     }
 
-    /// Closes the idle connections for which `is_dead` says the upstream already closed them.
-    pub fn evict_dead(
-        &mut self,
-        mut is_dead: impl FnMut(&C) -> bool,
-        mut closed: impl FnMut(C, ConnMeta, Reason),
-    ) {
-        let mut at = 0;
-        while at < self.idle.len() {
-            if is_dead(&self.idle[at].conn) {
-                let entry = self.idle.remove(at).expect("index is below len");
-                closed(entry.conn, entry.meta, Reason::ClosedByUpstream);
-            } else {
-                at += 1;
-            }
-        }
-    }
-
     /// Closes every idle connection (shutdown).
     pub fn drain(&mut self, mut closed: impl FnMut(C, ConnMeta, Reason)) {
         for entry in self.idle.drain(..) {
@@ -174,12 +358,13 @@ impl<C> Pool<C> {
         }
     }
 
-    /// The earliest instant at which an idle connection becomes unusable, for the reaper.
-    pub fn next_expiry(&self) -> Option<Instant> {
+    /// The earliest instant at which an idle connection must be closed, for the reaper.
+    pub fn next_expiry(&self, now: Instant) -> Option<Instant> {
         self.idle
             .iter()
             .map(|e| {
-                (e.since + self.limits.idle_timeout).min(e.meta.created + self.limits.max_lifetime)
+                let b = self.reaper_budget(&e.meta, now);
+                (e.since + b.idle).min(e.meta.created + b.max_lifetime)
             })
             .min()
     }

@@ -12,23 +12,20 @@ use std::pin::pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use http::header::{self, HeaderValue};
-use http::{Request, Response, StatusCode, Uri, Version};
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 
 use crate::access_log::{self, AccessLog, Entry};
-use crate::config::Config;
+use crate::config::{Config, RetryPolicy};
 use crate::error::Failure;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RetryOutcome};
+use crate::pool::{Risk, learn};
+use crate::retry::{self, Cause, Decision, Facts, Outcome};
 use crate::route::Router;
 use crate::upstream::{self, UpstreamConn};
 use body::{End, OnEnd, RequestBody, ResponseBody};
 use group::{Group, Lease};
-
-/// Request body bytes read before the upstream is contacted: enough for nearly every API
-/// request to be checked whole (framing, size) and replayable, small enough that a slow
-/// upload is not held back noticeably.
-const BODY_PREFETCH: usize = 64 * 1024;
 
 /// What the downstream side knows about the client and this request's place on its connection.
 #[derive(Clone, Copy, Debug)]
@@ -61,7 +58,7 @@ impl Proxy {
             .collect();
         Proxy {
             groups,
-            router: Router::new(&config.routes, &config.upstreams),
+            router: Router::new(config),
             log,
             metrics,
             max_body_size: config.downstream.max_body_size,
@@ -91,8 +88,13 @@ impl Proxy {
         }
     }
 
-    /// Proxies one request.
-    pub async fn handle(&self, req: Request<Incoming>, client: Client) -> Response<ResponseBody> {
+    /// Proxies one request. `Err(Abort)` asks the caller to close the client connection
+    /// without a response (`on_unretryable = "close"`).
+    pub async fn handle(
+        &self,
+        req: Request<Incoming>,
+        client: Client,
+    ) -> Result<Response<ResponseBody>, Abort> {
         let start = Instant::now();
         let mut entry = Entry {
             timestamp: Some(SystemTime::now()),
@@ -111,15 +113,15 @@ impl Proxy {
 
         if client.conflicting_framing {
             entry.response_details = "conflicting_content_length_and_transfer_encoding".into();
-            return self.local(StatusCode::BAD_REQUEST, None, entry, start);
+            return Ok(self.local(StatusCode::BAD_REQUEST, None, entry, start, vec![]));
         }
         let host = request_host(&req);
-        let Some(index) = self.router.find(host.as_deref(), req.uri().path()) else {
+        let Some(target) = self.router.find(host.as_deref(), req.uri().path()) else {
             entry.flag("NR");
             entry.response_details = "route_not_found".into();
-            return self.local(StatusCode::NOT_FOUND, None, entry, start);
+            return Ok(self.local(StatusCode::NOT_FOUND, None, entry, start, vec![]));
         };
-        let group = self.groups[index].clone();
+        let group = self.groups[target.group].clone();
         entry.upstream = Some(group.name.clone());
 
         let (mut parts, incoming) = req.into_parts();
@@ -129,12 +131,15 @@ impl Proxy {
         };
         let request_id = headers::to_upstream(&mut parts.headers, &fwd, group.reuse());
         entry.request_id = request_id.to_str().unwrap_or("").to_string();
-        parts.uri = origin_form(&parts.uri);
-        parts.version = Version::HTTP_11;
+        let head = Head {
+            method: parts.method,
+            uri: origin_form(&parts.uri),
+            headers: parts.headers,
+        };
 
         let body = match RequestBody::prefetch(
             incoming,
-            BODY_PREFETCH,
+            group.replay_buffer,
             self.max_body_size,
             self.client_body_timeout,
         )
@@ -145,89 +150,222 @@ impl Proxy {
                 tracing::info!(client = %client.addr.ip(), request = %entry.request, "{err}");
                 entry.flag("DC");
                 entry.response_details = "downstream_request_body_failed".into();
-                return self.local(err.status(), None, entry, start);
+                return Ok(self.local(err.status(), None, entry, start, vec![]));
             }
         };
 
+        let mut retries = Vec::new();
         match self
-            .exchange(&group, Request::from_parts(parts, body), &mut entry)
+            .exchange(
+                &group,
+                target.retry,
+                head,
+                body,
+                client,
+                &mut entry,
+                &mut retries,
+            )
             .await
         {
-            Ok((resp, lease, sent_at)) => self.respond(resp, lease, &group, entry, start, sent_at),
-            Err(failure) => {
+            Ok((resp, lease, sent_at)) => {
+                Ok(self.respond(resp, lease, &group, entry, start, sent_at, retries))
+            }
+            Err((failure, decision)) => {
                 tracing::error!(
                     client = %client.addr.ip(),
                     request = %entry.request,
                     upstream = entry.upstream_addr.as_deref().unwrap_or("-"),
                     "{failure}"
                 );
-                entry.flag(failure.flag());
                 entry.response_details = failure.details().into();
-                self.local(failure.status(), Some(group), entry, start)
+                if decision == Decision::CloseClient {
+                    entry
+                        .response_details
+                        .push_str("; client connection closed without a response");
+                    // nginx's code for "closed without a response"; only the log shows it.
+                    let closed = StatusCode::from_u16(444).expect("444 is in range");
+                    drop(self.local(closed, Some(group), entry, start, retries));
+                    return Err(Abort);
+                }
+                Ok(self.local(failure.status(), Some(group), entry, start, retries))
             }
         }
     }
 
-    /// Sends the request upstream, on a pooled connection or a new one. A request the
-    /// upstream provably never received is sent again, once, on a new connection.
+    /// Sends the request upstream, on a pooled connection or a new one, and sends it again
+    /// when [`retry::decide`] says so. Every failed attempt leaves its flag in the log entry.
+    #[allow(clippy::too_many_arguments)]
     async fn exchange(
         &self,
         group: &Arc<Group>,
-        mut req: Request<RequestBody>,
+        policy: &RetryPolicy,
+        head: Head,
+        body: RequestBody,
+        client: Client,
         entry: &mut Entry,
-    ) -> Result<(Response<Incoming>, Lease, Instant), Failure> {
-        let server = group.pick();
+        retries: &mut Vec<Cause>,
+    ) -> Result<(Response<Incoming>, Lease, Instant), (Failure, Decision)> {
+        let replay = body.replay();
+        let idempotent = retry::is_idempotent(&head.method, &head.headers);
+        let mut facts = Facts {
+            idempotent,
+            replayable: replay.is_some(),
+            returned: false,
+            attempts: 1,
+            free_retry_used: false,
+            safe_retry: group.guards.safe_retry,
+            client_requests: client.requests,
+        };
+        // A request kaguard may send again can take any pooled connection; one it may not
+        // takes only those the pool judges safe (risk-aware checkout).
+        let risk = if facts.safe_retry && idempotent && facts.replayable {
+            Risk::Retryable
+        } else {
+            Risk::MustNotRetry
+        };
+        let mut in_flight = group.begin_request();
+        let mut body = Some(body);
+        let mut server = group.pick();
         let mut fresh_only = false;
         loop {
             entry.attempts += 1;
             let attempt_start = Instant::now();
-            let mut lease = if fresh_only {
+            let req = head.request(
+                body.take()
+                    .or_else(|| replay.as_ref().and_then(RequestBody::replay)),
+            );
+            let pooled = if fresh_only {
                 None
             } else {
-                group.checkout(server, attempt_start)
+                group.checkout(server, attempt_start, risk)
             };
-            if lease.is_none() {
-                entry.upstream_addr = Some(group.server_addr(server).to_string());
-                lease = Some(group.connect(server).await?);
-                entry.upstream_connect_time = Some(access_log::seconds(attempt_start.elapsed()));
-            }
-            let mut lease = lease.expect("set above");
-            entry.upstream_addr = Some(lease.conn().addr.to_string());
-            entry.upstream_connection_reused = Some(lease.reused);
-            entry.upstream_connection_idle_ms = Some(lease.idle_for.as_millis() as u64);
-            entry.upstream_connection_requests = Some(lease.meta.requests + 1);
-            let reused = lease.reused;
-            let outcome = send(lease.conn_mut(), req, group.read_timeout, reused).await;
-            lease.meta.requests += 1;
-            match outcome {
-                Ok(resp) => return Ok((resp, lease, attempt_start)),
-                Err((failure, returned)) => {
-                    lease.fail();
-                    match returned {
-                        Some(next) if !fresh_only => {
-                            tracing::info!(upstream = %lease.conn().addr, "{failure}; sending again on a new connection");
-                            entry.flag("URX");
-                            fresh_only = true;
-                            req = next;
+            let (failure, lease) = match pooled {
+                Some(lease) => (None, Some(lease)),
+                None => {
+                    entry.upstream_addr = Some(group.server_addr(server).to_string());
+                    match group.connect(server).await {
+                        Ok(lease) => {
+                            entry.upstream_connect_time =
+                                Some(access_log::seconds(attempt_start.elapsed()));
+                            (None, Some(lease))
                         }
-                        _ => return Err(failure),
+                        Err(failure) => (Some(failure), None),
                     }
                 }
+            };
+            let (failure, returned) = match (failure, lease) {
+                (Some(failure), _) => (failure, Some(req)),
+                (None, Some(mut lease)) => {
+                    entry.upstream_addr = Some(lease.conn().addr.to_string());
+                    entry.upstream_connection_reused = Some(lease.reused);
+                    entry.upstream_connection_idle_ms = Some(lease.idle_for.as_millis() as u64);
+                    entry.upstream_connection_requests = Some(lease.meta.requests + 1);
+                    lease.meta.requests += 1;
+                    let reused = lease.reused;
+                    let outcome = send(
+                        lease.conn_mut(),
+                        req,
+                        group.read_timeout,
+                        policy.per_try_timeout,
+                        reused,
+                    )
+                    .await;
+                    match outcome {
+                        Ok(resp) => {
+                            let status = resp.status().as_u16();
+                            match retry::decide(
+                                Outcome::Status(status),
+                                &facts,
+                                policy,
+                                group.on_unretryable,
+                            ) {
+                                Decision::Retry(cause) if in_flight.try_retry() => {
+                                    retries.push(cause);
+                                    facts.attempts += 1;
+                                    backoff(policy, facts.attempts).await;
+                                    server = group.pick();
+                                    continue;
+                                }
+                                _ => return Ok((resp, lease, attempt_start)),
+                            }
+                        }
+                        Err((failure, returned)) => {
+                            lease.fail();
+                            if reused
+                                && matches!(
+                                    failure,
+                                    Failure::NotSent { .. } | Failure::NoResponse { .. }
+                                )
+                            {
+                                group.learn_from_failure(&lease, Instant::now());
+                            }
+                            (failure, returned)
+                        }
+                    }
+                }
+                (None, None) => unreachable!("a lease or a failure"),
+            };
+            entry.flag(failure.flag());
+            facts.returned = returned.is_some();
+            if let Some(req) = returned {
+                body = Some(req.into_body());
+            }
+            let decision = retry::decide(
+                Outcome::Failed(&failure),
+                &facts,
+                policy,
+                group.on_unretryable,
+            );
+            let Decision::Retry(cause) = decision else {
+                if facts.attempts > 1 && facts.attempts >= policy.attempts {
+                    entry.flag("URX");
+                }
+                return Err((failure, decision));
+            };
+            if !cause.is_free() && !in_flight.try_retry() {
+                entry.flag("URX");
+                return Err((failure, Decision::Give));
+            }
+            tracing::info!(
+                upstream = %group.server_addr(server),
+                request = %entry.request,
+                cause = cause.as_str(),
+                "{failure}; sending the request again on a new connection"
+            );
+            retries.push(cause);
+            fresh_only = true;
+            if cause.is_free() {
+                facts.free_retry_used = true;
+            } else {
+                facts.attempts += 1;
+                backoff(policy, facts.attempts).await;
+                server = group.pick();
             }
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn respond(
         &self,
         resp: Response<Incoming>,
-        lease: Lease,
+        mut lease: Lease,
         group: &Arc<Group>,
         mut entry: Entry,
         start: Instant,
         sent_at: Instant,
+        retries: Vec<Cause>,
     ) -> Response<ResponseBody> {
         let (mut parts, incoming) = resp.into_parts();
         let upstream_keep_alive = headers::wants_keep_alive(parts.version, &parts.headers);
+        if group.guards.honor_hints {
+            let (timeout, max) = headers::keep_alive_hint(&parts.headers);
+            if let Some(secs) = timeout {
+                lease.meta.hint_idle = Some(learn::idle_budget_below(Duration::from_secs(secs)));
+            }
+            if let Some(max) = max {
+                lease.meta.hint_requests = Some(lease.meta.requests + max);
+            }
+        }
         headers::remove_hop_by_hop(&mut parts.headers);
         entry.status = parts.status.as_u16();
         entry.upstream_status = Some(entry.status);
@@ -237,6 +375,7 @@ impl Proxy {
             sent_at: Some(sent_at),
             lease: Some((lease, upstream_keep_alive)),
             group: Some(group.clone()),
+            retries,
             log: self.log.clone(),
             metrics: self.metrics.clone(),
         };
@@ -251,6 +390,7 @@ impl Proxy {
         group: Option<Arc<Group>>,
         mut entry: Entry,
         start: Instant,
+        retries: Vec<Cause>,
     ) -> Response<ResponseBody> {
         entry.status = status.as_u16();
         let text = format!(
@@ -264,6 +404,7 @@ impl Proxy {
             sent_at: None,
             lease: None,
             group,
+            retries,
             log: self.log.clone(),
             metrics: self.metrics.clone(),
         };
@@ -275,24 +416,62 @@ impl Proxy {
     }
 }
 
+/// The client connection is to be closed without a response.
+#[derive(Debug, thiserror::Error)]
+#[error("closing the client connection without a response so the client may retry")]
+pub struct Abort;
+
+/// The parts of a request needed to send it again.
+struct Head {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+}
+
+impl Head {
+    fn request(&self, body: Option<RequestBody>) -> Request<RequestBody> {
+        let mut req = Request::new(body.unwrap_or_else(RequestBody::empty));
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.version_mut() = Version::HTTP_11;
+        *req.headers_mut() = self.headers.clone();
+        req
+    }
+}
+
+/// Waits before a policy retry: full jitter below `base * 2^(n-1)`, capped at `max`, so
+/// clients that failed together do not come back together.
+async fn backoff(policy: &RetryPolicy, attempt: u32) {
+    let doubled = policy
+        .backoff_base
+        .saturating_mul(1u32 << attempt.saturating_sub(2).min(16));
+    let ceiling = doubled.min(policy.backoff_max);
+    let wait = ceiling.mul_f64(fastrand::f64());
+    tokio::time::sleep(wait).await;
+}
+
 type Returned = Option<Request<RequestBody>>;
 
-/// Sends `req` on `conn`, failing if no byte moves for `read_timeout`.
+/// Sends `req` on `conn`, failing if no byte moves for `read_timeout` or the whole attempt
+/// takes longer than `per_try`.
 async fn send(
     conn: &mut UpstreamConn,
     req: Request<RequestBody>,
     read_timeout: Duration,
+    per_try: Option<Duration>,
     reused: bool,
 ) -> Result<Response<Incoming>, (Failure, Returned)> {
+    let sent_at = Instant::now();
     let ready = tokio::time::timeout(read_timeout, conn.ready()).await;
     if !matches!(ready, Ok(Ok(()))) {
         return Err((Failure::NotSent { reused }, Some(req)));
     }
     let mark = conn.mark();
-    let sent_at = Instant::now();
+    let try_deadline = per_try.map(|t| sent_at + t);
     let mut fut = pin!(conn.send(req));
     loop {
-        let deadline = conn.last_progress().max(sent_at) + read_timeout;
+        let idle_deadline = conn.last_progress().max(sent_at) + read_timeout;
+        let deadline = try_deadline.map_or(idle_deadline, |t| t.min(idle_deadline));
         tokio::select! {
             res = &mut fut => {
                 return match res {
@@ -309,7 +488,11 @@ async fn send(
                 };
             }
             _ = tokio::time::sleep_until(deadline.into()) => {
-                if conn.last_progress().max(sent_at) + read_timeout <= Instant::now() {
+                let now = Instant::now();
+                if let Some(t) = try_deadline.filter(|t| *t <= now) {
+                    return Err((Failure::ReadTimeout(t - sent_at), None));
+                }
+                if conn.last_progress().max(sent_at) + read_timeout <= now {
                     return Err((Failure::ReadTimeout(read_timeout), None));
                 }
             }
@@ -324,6 +507,7 @@ struct Finish {
     sent_at: Option<Instant>,
     lease: Option<(Lease, bool)>,
     group: Option<Arc<Group>>,
+    retries: Vec<Cause>,
     log: AccessLog,
     metrics: Arc<Metrics>,
 }
@@ -351,7 +535,17 @@ impl OnEnd for Finish {
         entry.request_time = access_log::seconds(now - self.start);
         entry.upstream_response_time = self.sent_at.map(|t| access_log::seconds(now - t));
         match &self.group {
-            Some(group) => group.metrics.request(entry.status),
+            Some(group) => {
+                group.metrics.request(entry.status);
+                let outcome = if entry.upstream_status.is_some() && end != End::UpstreamFailed {
+                    RetryOutcome::Answered
+                } else {
+                    RetryOutcome::Failed
+                };
+                for cause in &self.retries {
+                    group.metrics.retry(*cause, outcome);
+                }
+            }
             None => self.metrics.local.request(entry.status),
         }
         self.log.write(entry);

@@ -3,9 +3,9 @@
 //! A connection stays closed unless proven reusable: every early return names its reason,
 //! and that reason reaches the metrics (`upstream_connections_closed_total{reason}`).
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use crate::pool::{ConnMeta, Limits};
+use crate::pool::ConnMeta;
 
 /// Why a connection was closed or not reused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -22,6 +22,11 @@ pub enum Reason {
     Lifetime,
     /// The connection sat idle for `keepalive_timeout`.
     IdleTimeout,
+    /// The connection reached the idle budget the upstream's hint or its learned idle timeout
+    /// set below `keepalive_timeout`: kaguard closed it before the upstream would.
+    IdleBudget,
+    /// The connection carried as many requests as the upstream's hint or its learned cap allow.
+    RequestBudget,
     /// The idle list was full; the least recently used connection made room.
     PoolFull,
     /// The upstream had closed the connection (FIN, RST or stray bytes) while it was idle.
@@ -33,13 +38,15 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 10] = [
+    pub const ALL: [Reason; 12] = [
         Reason::ReuseDisabled,
         Reason::ResponseIncomplete,
         Reason::UpstreamSaidClose,
         Reason::RequestCap,
         Reason::Lifetime,
         Reason::IdleTimeout,
+        Reason::IdleBudget,
+        Reason::RequestBudget,
         Reason::PoolFull,
         Reason::ClosedByUpstream,
         Reason::Error,
@@ -55,6 +62,8 @@ impl Reason {
             Reason::RequestCap => "request_cap",
             Reason::Lifetime => "lifetime",
             Reason::IdleTimeout => "idle_timeout",
+            Reason::IdleBudget => "idle_budget",
+            Reason::RequestBudget => "request_budget",
             Reason::PoolFull => "pool_full",
             Reason::ClosedByUpstream => "closed_by_upstream",
             Reason::Error => "error",
@@ -86,14 +95,29 @@ pub enum Moment {
     Idle { since: Instant },
 }
 
+/// The limits that apply to one connection at one moment: the configured ones, lowered by
+/// the upstream's hints and by what was learned about it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Budget {
+    /// `keepalive > 0`.
+    pub reuse: bool,
+    pub idle: Duration,
+    /// `idle` comes from a hint or from learning, not from `keepalive_timeout`.
+    pub idle_lowered: bool,
+    pub max_requests: u64,
+    /// `max_requests` comes from a hint or from learning, not from `keepalive_requests`.
+    pub requests_lowered: bool,
+    pub max_lifetime: Duration,
+}
+
 /// Decides whether `conn` may be (or stay) pooled for another request at `now`.
 pub fn decide(
     conn: &ConnMeta,
     moment: Moment,
-    limits: &Limits,
+    budget: &Budget,
     now: Instant,
 ) -> Result<(), Reason> {
-    if limits.keepalive == 0 {
+    if !budget.reuse {
         return Err(Reason::ReuseDisabled);
     }
     if let Moment::Checkin(returning) = moment {
@@ -104,41 +128,47 @@ pub fn decide(
             return Err(Reason::UpstreamSaidClose);
         }
     }
-    if conn.requests >= limits.max_requests {
-        return Err(Reason::RequestCap);
+    if conn.requests >= budget.max_requests {
+        return Err(if budget.requests_lowered {
+            Reason::RequestBudget
+        } else {
+            Reason::RequestCap
+        });
     }
-    if now.saturating_duration_since(conn.created) >= limits.max_lifetime {
+    if now.saturating_duration_since(conn.created) >= budget.max_lifetime {
         return Err(Reason::Lifetime);
     }
     if let Moment::Idle { since } = moment
-        && now.saturating_duration_since(since) >= limits.idle_timeout
+        && now.saturating_duration_since(since) >= budget.idle
     {
-        return Err(Reason::IdleTimeout);
+        return Err(if budget.idle_lowered {
+            Reason::IdleBudget
+        } else {
+            Reason::IdleTimeout
+        });
     }
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
 
-    fn limits() -> Limits {
-        Limits {
-            keepalive: 4,
-            idle_timeout: Duration::from_millis(100),
+    fn limits() -> Budget {
+        Budget {
+            reuse: true,
+            idle: Duration::from_millis(100),
+            idle_lowered: false,
             max_requests: 3,
+            requests_lowered: false,
             max_lifetime: Duration::from_secs(10),
         }
     }
 
     fn conn(now: Instant, requests: u64) -> ConnMeta {
         ConnMeta {
-            id: 1,
-            server: 0,
-            created: now,
             requests,
+            ..ConnMeta::new(1, 0, now)
         }
     }
 
@@ -194,7 +224,21 @@ mod tests {
             decide(&conn(now, 1), idle, &l, now + Duration::from_millis(99)),
             Ok(())
         );
-        let off = Limits { keepalive: 0, ..l };
+        let lowered = Budget {
+            idle_lowered: true,
+            requests_lowered: true,
+            ..l
+        };
+        assert_eq!(
+            decide(&conn(now, 3), Moment::Checkin(DONE), &lowered, now),
+            Err(Reason::RequestBudget)
+        );
+        let late = now + Duration::from_millis(100);
+        assert_eq!(
+            decide(&conn(now, 1), idle, &lowered, late),
+            Err(Reason::IdleBudget)
+        );
+        let off = Budget { reuse: false, ..l };
         assert_eq!(
             decide(&conn(now, 1), Moment::Checkin(DONE), &off, now),
             Err(Reason::ReuseDisabled)
@@ -213,6 +257,8 @@ mod tests {
                 "request_cap",
                 "lifetime",
                 "idle_timeout",
+                "idle_budget",
+                "request_budget",
                 "pool_full",
                 "closed_by_upstream",
                 "error",

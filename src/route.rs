@@ -6,42 +6,55 @@
 
 use std::collections::HashMap;
 
-use crate::config::{RouteConfig, UpstreamGroupConfig};
+use crate::config::{Config, RetryPolicy};
 
 /// Longest host we look up; DNS names are at most 253 characters, so a longer Host header
 /// cannot equal any configured host. Bounds the stack buffer used to lowercase it.
 const MAX_HOST_LEN: usize = 256;
 
-/// Chooses the upstream group for a request.
+/// Chooses the upstream group and retry policy for a request.
 #[derive(Debug, Clone)]
 pub struct Router {
     /// Lowercased host -> its prefixes, longest first.
     by_host: HashMap<Box<str>, Vec<Prefix>>,
     /// Routes without a host, longest prefix first.
     any_host: Vec<Prefix>,
-    /// The group that takes every request when there are no routes and exactly one group.
-    only_group: Option<usize>,
+    /// The group that takes every request when there are no routes and exactly one group,
+    /// with `Config::retry`.
+    only_group: Option<(usize, RetryPolicy)>,
 }
 
 #[derive(Debug, Clone)]
 struct Prefix {
     prefix: Box<str>,
     upstream: usize,
+    retry: RetryPolicy,
+}
+
+/// Where a request goes, and how it is retried there.
+#[derive(Debug, Clone, Copy)]
+pub struct Target<'a> {
+    /// Index into `Config::upstreams`.
+    pub group: usize,
+    /// The matched route's policy, or `Config::retry` when there are no routes.
+    pub retry: &'a RetryPolicy,
 }
 
 impl Router {
-    /// Builds the lookup tables; a route naming a group not in `groups` is ignored, which
-    /// only hand-built routes can do (config validation rejects them).
-    pub fn new(routes: &[RouteConfig], groups: &[UpstreamGroupConfig]) -> Router {
+    /// Builds the lookup tables; a route naming a group not in `config.upstreams` is ignored,
+    /// which only hand-built routes can do (config validation rejects them).
+    pub fn new(config: &Config) -> Router {
+        let groups = &config.upstreams;
         let mut by_host: HashMap<Box<str>, Vec<Prefix>> = HashMap::new();
         let mut any_host = Vec::new();
-        for route in routes {
+        for route in &config.routes {
             let Some(upstream) = groups.iter().position(|g| g.name == route.upstream) else {
                 continue;
             };
             let prefix = Prefix {
                 prefix: route.path_prefix.as_str().into(),
                 upstream,
+                retry: route.retry.clone(),
             };
             match &route.host {
                 Some(host) => by_host
@@ -56,7 +69,8 @@ impl Router {
             // have demanded.
             prefixes.sort_by_key(|p| std::cmp::Reverse(p.prefix.len()));
         }
-        let only_group = (routes.is_empty() && groups.len() == 1).then_some(0);
+        let only_group =
+            (config.routes.is_empty() && groups.len() == 1).then(|| (0, config.retry.clone()));
         Router {
             by_host,
             any_host,
@@ -64,31 +78,39 @@ impl Router {
         }
     }
 
-    /// The index into `Config::upstreams` for this request, or `None` (the proxy answers 404).
+    /// The group and retry policy for this request, or `None` (the proxy answers 404).
     ///
     /// `host` is the Host header or the URI authority as received: any case, maybe with a
     /// port. `path` may still carry its query.
-    pub fn find(&self, host: Option<&str>, path: &str) -> Option<usize> {
+    pub fn find(&self, host: Option<&str>, path: &str) -> Option<Target<'_>> {
         if let Some(host) = host
             && !self.by_host.is_empty()
         {
             let mut buf = [0u8; MAX_HOST_LEN];
             if let Some(host) = lowercase(normalize_host(host), &mut buf)
                 && let Some(prefixes) = self.by_host.get(host)
-                && let Some(upstream) = longest_match(prefixes, path)
+                && let Some(target) = longest_match(prefixes, path)
             {
-                return Some(upstream);
+                return Some(target);
             }
         }
-        longest_match(&self.any_host, path).or(self.only_group)
+        longest_match(&self.any_host, path).or_else(|| {
+            self.only_group.as_ref().map(|(group, retry)| Target {
+                group: *group,
+                retry,
+            })
+        })
     }
 }
 
-fn longest_match(prefixes: &[Prefix], path: &str) -> Option<usize> {
+fn longest_match<'a>(prefixes: &'a [Prefix], path: &str) -> Option<Target<'a>> {
     prefixes
         .iter()
         .find(|p| prefix_matches(&p.prefix, path))
-        .map(|p| p.upstream)
+        .map(|p| Target {
+            group: p.upstream,
+            retry: &p.retry,
+        })
 }
 
 /// "/api" matches "/api", "/api/x" and "/api?q" but not "/apix"; "/" matches everything.
@@ -124,10 +146,27 @@ fn lowercase<'b>(host: &str, buf: &'b mut [u8; MAX_HOST_LEN]) -> Option<&'b str>
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::time::Duration;
 
-    fn group(name: &str) -> UpstreamGroupConfig {
-        UpstreamGroupConfig::with_defaults(name, Vec::new())
+    use super::*;
+    use crate::config::{AccessLog, DownstreamConfig, RouteConfig, UpstreamGroupConfig};
+
+    /// A config with these routes and groups and every other setting at its default.
+    fn config(routes: &[RouteConfig], groups: &[&str]) -> Config {
+        Config {
+            listen: Vec::new(),
+            workers: 1,
+            drain_timeout: Duration::ZERO,
+            downstream: DownstreamConfig::default(),
+            upstreams: groups
+                .iter()
+                .map(|name| UpstreamGroupConfig::with_defaults(*name, Vec::new()))
+                .collect(),
+            routes: routes.to_vec(),
+            retry: RetryPolicy::default(),
+            access_log: AccessLog::Off,
+            admin: None,
+        }
     }
 
     fn route(host: Option<&str>, path_prefix: &str, upstream: &str) -> RouteConfig {
@@ -135,52 +174,63 @@ mod tests {
             host: host.map(str::to_owned),
             path_prefix: path_prefix.to_owned(),
             upstream: upstream.to_owned(),
+            retry: RetryPolicy::default(),
         }
+    }
+
+    fn with_attempts(mut route: RouteConfig, attempts: u32) -> RouteConfig {
+        route.retry.attempts = attempts;
+        route
     }
 
     /// Groups a, b, c, d at indexes 0..4.
     fn router(routes: &[RouteConfig]) -> Router {
-        Router::new(routes, &[group("a"), group("b"), group("c"), group("d")])
+        Router::new(&config(routes, &["a", "b", "c", "d"]))
+    }
+
+    /// The group index `router` picks.
+    fn find(router: &Router, host: Option<&str>, path: &str) -> Option<usize> {
+        router.find(host, path).map(|target| target.group)
     }
 
     #[test]
     fn no_routes_and_one_group_sends_everything_to_it() {
-        let router = Router::new(&[], &[group("only")]);
-        assert_eq!(router.find(None, "/"), Some(0));
-        assert_eq!(router.find(Some("any.host"), "/x/y?z"), Some(0));
-        assert_eq!(router.find(None, "*"), Some(0));
+        let router = Router::new(&config(&[], &["only"]));
+        assert_eq!(find(&router, None, "/"), Some(0));
+        assert_eq!(find(&router, Some("any.host"), "/x/y?z"), Some(0));
+        assert_eq!(find(&router, None, "*"), Some(0));
     }
 
     #[test]
     fn no_routes_and_two_groups_matches_nothing() {
-        let router = Router::new(&[], &[group("a"), group("b")]);
-        assert_eq!(router.find(Some("x"), "/"), None);
+        let router = Router::new(&config(&[], &["a", "b"]));
+        assert_eq!(find(&router, Some("x"), "/"), None);
     }
 
     #[test]
     fn prefix_matches_exactly_or_on_a_segment_boundary() {
         let router = router(&[route(None, "/api", "a")]);
-        assert_eq!(router.find(None, "/api"), Some(0));
-        assert_eq!(router.find(None, "/api/x"), Some(0));
-        assert_eq!(router.find(None, "/api?q=1"), Some(0));
-        assert_eq!(router.find(None, "/apix"), None);
-        assert_eq!(router.find(None, "/ap"), None);
-        assert_eq!(router.find(None, "/"), None);
+        assert_eq!(find(&router, None, "/api"), Some(0));
+        assert_eq!(find(&router, None, "/api/x"), Some(0));
+        assert_eq!(find(&router, None, "/api?q=1"), Some(0));
+        assert_eq!(find(&router, None, "/apix"), None);
+        assert_eq!(find(&router, None, "/ap"), None);
+        assert_eq!(find(&router, None, "/"), None);
     }
 
     #[test]
     fn prefix_ending_in_slash_matches_below_it_but_not_without_the_slash() {
         let router = router(&[route(None, "/static/", "a")]);
-        assert_eq!(router.find(None, "/static/app.js"), Some(0));
-        assert_eq!(router.find(None, "/static/"), Some(0));
-        assert_eq!(router.find(None, "/static"), None);
+        assert_eq!(find(&router, None, "/static/app.js"), Some(0));
+        assert_eq!(find(&router, None, "/static/"), Some(0));
+        assert_eq!(find(&router, None, "/static"), None);
     }
 
     #[test]
     fn root_prefix_matches_every_path() {
         let router = router(&[route(None, "/", "a")]);
         for path in ["/", "/x", "/x/y?z", "*"] {
-            assert_eq!(router.find(None, path), Some(0), "{path}");
+            assert_eq!(find(&router, None, path), Some(0), "{path}");
         }
     }
 
@@ -191,10 +241,10 @@ mod tests {
             route(None, "/api/v2", "c"),
             route(None, "/api", "b"),
         ]);
-        assert_eq!(router.find(None, "/"), Some(0));
-        assert_eq!(router.find(None, "/apiv2"), Some(0));
-        assert_eq!(router.find(None, "/api/v1"), Some(1));
-        assert_eq!(router.find(None, "/api/v2/users"), Some(2));
+        assert_eq!(find(&router, None, "/"), Some(0));
+        assert_eq!(find(&router, None, "/apiv2"), Some(0));
+        assert_eq!(find(&router, None, "/api/v1"), Some(1));
+        assert_eq!(find(&router, None, "/api/v2/users"), Some(2));
     }
 
     #[test]
@@ -203,9 +253,9 @@ mod tests {
             route(None, "/api/v1", "a"),
             route(Some("api.example.com"), "/", "b"),
         ]);
-        assert_eq!(router.find(Some("api.example.com"), "/api/v1/x"), Some(1));
-        assert_eq!(router.find(Some("www.example.com"), "/api/v1/x"), Some(0));
-        assert_eq!(router.find(None, "/api/v1/x"), Some(0));
+        assert_eq!(find(&router, Some("api.example.com"), "/api/v1/x"), Some(1));
+        assert_eq!(find(&router, Some("www.example.com"), "/api/v1/x"), Some(0));
+        assert_eq!(find(&router, None, "/api/v1/x"), Some(0));
     }
 
     #[test]
@@ -214,8 +264,8 @@ mod tests {
             route(Some("api.example.com"), "/v1", "b"),
             route(None, "/", "a"),
         ]);
-        assert_eq!(router.find(Some("api.example.com"), "/v1/x"), Some(1));
-        assert_eq!(router.find(Some("api.example.com"), "/other"), Some(0));
+        assert_eq!(find(&router, Some("api.example.com"), "/v1/x"), Some(1));
+        assert_eq!(find(&router, Some("api.example.com"), "/other"), Some(0));
     }
 
     #[test]
@@ -228,31 +278,55 @@ mod tests {
             "api.example.com.",
             "Api.Example.Com.:443",
         ] {
-            assert_eq!(router.find(Some(host), "/"), Some(1), "{host}");
+            assert_eq!(find(&router, Some(host), "/"), Some(1), "{host}");
         }
-        assert_eq!(router.find(Some("example.com"), "/"), None);
-        assert_eq!(router.find(None, "/"), None);
+        assert_eq!(find(&router, Some("example.com"), "/"), None);
+        assert_eq!(find(&router, None, "/"), None);
     }
 
     #[test]
     fn ipv6_host_matches_with_and_without_port() {
         let router = router(&[route(Some("[::1]"), "/", "c")]);
-        assert_eq!(router.find(Some("[::1]"), "/"), Some(2));
-        assert_eq!(router.find(Some("[::1]:8080"), "/"), Some(2));
+        assert_eq!(find(&router, Some("[::1]"), "/"), Some(2));
+        assert_eq!(find(&router, Some("[::1]:8080"), "/"), Some(2));
     }
 
     #[test]
     fn overlong_or_non_ascii_host_does_not_panic_and_uses_host_less_routes() {
         let router = router(&[route(Some("a.example"), "/", "b"), route(None, "/", "a")]);
         let long = "a".repeat(MAX_HOST_LEN + 1);
-        assert_eq!(router.find(Some(&long), "/"), Some(0));
-        assert_eq!(router.find(Some("bücher.example"), "/"), Some(0));
-        assert_eq!(router.find(Some(""), "/"), Some(0));
+        assert_eq!(find(&router, Some(&long), "/"), Some(0));
+        assert_eq!(find(&router, Some("bücher.example"), "/"), Some(0));
+        assert_eq!(find(&router, Some(""), "/"), Some(0));
     }
 
     #[test]
     fn route_to_an_unknown_group_is_ignored() {
         let router = router(&[route(None, "/", "nope")]);
-        assert_eq!(router.find(None, "/"), None);
+        assert_eq!(find(&router, None, "/"), None);
+    }
+
+    #[test]
+    fn no_routes_and_one_group_uses_the_top_level_retry_policy() {
+        let mut config = config(&[], &["only"]);
+        config.retry.attempts = 5;
+        let router = Router::new(&config);
+        let target = router
+            .find(None, "/")
+            .expect("the only group takes everything");
+        assert_eq!(target.retry, &config.retry);
+    }
+
+    #[test]
+    fn matched_route_brings_its_own_retry_policy() {
+        let router = router(&[
+            with_attempts(route(None, "/", "a"), 1),
+            with_attempts(route(None, "/api", "b"), 3),
+            with_attempts(route(Some("api.example.com"), "/", "c"), 4),
+        ]);
+        let attempts = |host, path| router.find(host, path).map(|t| (t.group, t.retry.attempts));
+        assert_eq!(attempts(None, "/x"), Some((0, 1)));
+        assert_eq!(attempts(None, "/api/x"), Some((1, 3)));
+        assert_eq!(attempts(Some("API.example.com"), "/api/x"), Some((2, 4)));
     }
 }

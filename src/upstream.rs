@@ -48,12 +48,26 @@ struct Shared {
     epoch: Instant,
     /// Set when hyper's connection task ended (the upstream closed, or an error).
     task_done: AtomicBool,
+    /// Nanoseconds since `epoch` + 1 when a read first saw EOF or an error; 0 until then.
+    closed_ns: AtomicU64,
 }
 
 impl Shared {
+    fn now_ns(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
     fn touch(&self) {
-        let ns = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        self.progress_ns.store(ns, Ordering::Relaxed);
+        self.progress_ns.store(self.now_ns(), Ordering::Relaxed);
+    }
+
+    fn mark_closed(&self) {
+        let _ = self.closed_ns.compare_exchange(
+            0,
+            self.now_ns() + 1,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
     }
 }
 
@@ -72,9 +86,15 @@ impl AsyncRead for CountingIo {
         let before = buf.filled().len();
         let res = Pin::new(&mut self.stream).poll_read(cx, buf);
         let n = buf.filled().len() - before;
-        if n > 0 {
-            self.shared.read.fetch_add(n as u64, Ordering::Relaxed);
-            self.shared.touch();
+        match &res {
+            Poll::Ready(Ok(())) if n > 0 => {
+                self.shared.read.fetch_add(n as u64, Ordering::Relaxed);
+                self.shared.touch();
+            }
+            // A zero-byte read into a non-empty buffer is the upstream's FIN.
+            Poll::Ready(Ok(())) if buf.remaining() > 0 => self.shared.mark_closed(),
+            Poll::Ready(Err(_)) => self.shared.mark_closed(),
+            _ => {}
         }
         res
     }
@@ -170,6 +190,7 @@ impl UpstreamConn {
             progress_ns: AtomicU64::new(0),
             epoch: Instant::now(),
             task_done: AtomicBool::new(false),
+            closed_ns: AtomicU64::new(0),
         });
         let io = CountingIo {
             stream,
@@ -184,6 +205,7 @@ impl UpstreamConn {
             if let Err(err) = conn.await {
                 tracing::debug!(%addr, error = %err, "upstream connection ended with an error");
             }
+            task_shared.mark_closed();
             task_shared.task_done.store(true, Ordering::Release);
         });
         Ok(UpstreamConn {
@@ -196,7 +218,17 @@ impl UpstreamConn {
 
     /// Whether hyper already knows the connection is closed.
     pub fn is_closed(&self) -> bool {
-        self.shared.task_done.load(Ordering::Acquire) || self.sender.is_closed()
+        self.shared.task_done.load(Ordering::Acquire)
+            || self.sender.is_closed()
+            || self.closed_at().is_some()
+    }
+
+    /// When a read first saw the upstream's FIN or an error, if one did.
+    pub fn closed_at(&self) -> Option<Instant> {
+        match self.shared.closed_ns.load(Ordering::Relaxed) {
+            0 => None,
+            ns => Some(self.shared.epoch + Duration::from_nanos(ns - 1)),
+        }
     }
 
     /// Looks, without blocking or consuming anything, for a FIN, RST or stray bytes that

@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use kaguard::config::RouteConfig;
+use kaguard::config::{RetryPolicy, RouteConfig};
 use kaguard::tools::upstream::Behaviour;
 use support::*;
 
@@ -19,6 +19,12 @@ async fn flags_of_last(kg: &Kaguard) -> (u64, String, String) {
     )
 }
 
+async fn attempts_of_last(kg: &Kaguard) -> u64 {
+    kg.log_lines(1).await.last().expect("one access log line")["attempts"]
+        .as_u64()
+        .unwrap()
+}
+
 #[tokio::test]
 async fn connect_refused_is_502_uf() {
     let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -27,11 +33,13 @@ async fn connect_refused_is_502_uf() {
     let kg = start(config(&[addr])).await;
     assert_eq!(get(kg.addr, "/").await.status(), 502);
     let (status, flags, details) = flags_of_last(&kg).await;
-    assert_eq!((status, flags.as_str()), (502, "UF"));
+    // The default policy tries a failed connect once more (retry_on connect-failure).
+    assert_eq!((status, flags.as_str()), (502, "UF,UF,URX"));
     assert_eq!(
         details,
         "upstream_reset_before_response_started{connection_failure}"
     );
+    assert_eq!(attempts_of_last(&kg).await, 2);
 }
 
 #[tokio::test]
@@ -64,7 +72,7 @@ async fn connect_timeout_is_504_uf() {
     let kg = start(cfg).await;
     assert_eq!(get(kg.addr, "/").await.status(), 504);
     let (_, flags, details) = flags_of_last(&kg).await;
-    assert_eq!(flags, "UF");
+    assert_eq!(flags, "UF,UF,URX");
     assert_eq!(
         details,
         "upstream_reset_before_response_started{connection_timeout}"
@@ -77,7 +85,9 @@ async fn upstream_closing_before_response_is_502_uc() {
     let kg = start(config(&[up.addr()])).await;
     assert_eq!(get(kg.addr, "/?close=fin").await.status(), 502);
     let (_, flags, details) = flags_of_last(&kg).await;
-    assert_eq!(flags, "UC");
+    // A GET reset on a fresh connection is tried once more (retry_on reset).
+    assert_eq!(flags, "UC,UC,URX");
+    assert_eq!(up.requests(), 2);
     assert_eq!(
         details,
         "upstream_reset_before_response_started{connection_termination}"
@@ -90,7 +100,22 @@ async fn upstream_reset_before_response_is_502_uc() {
     let kg = start(config(&[up.addr()])).await;
     assert_eq!(get(kg.addr, "/?close=rst").await.status(), 502);
     let (_, flags, _) = flags_of_last(&kg).await;
+    assert_eq!(flags, "UC,UC,URX");
+}
+
+#[tokio::test]
+async fn post_reset_on_a_fresh_connection_is_not_retried() {
+    let up = upstream(Behaviour::default()).await;
+    let kg = start(config(&[up.addr()])).await;
+    let mut client = Client::connect(kg.addr).await;
+    assert_eq!(client.post("/?close=fin", b"data").await.status(), 502);
+    let (_, flags, _) = flags_of_last(&kg).await;
     assert_eq!(flags, "UC");
+    assert_eq!(
+        up.requests(),
+        1,
+        "a POST the upstream may have received was sent again"
+    );
 }
 
 #[tokio::test]
@@ -155,6 +180,7 @@ async fn request_without_a_route_is_404_nr() {
         host: Some("app.example".into()),
         path_prefix: "/".into(),
         upstream: "default".into(),
+        retry: RetryPolicy::default(),
     }];
     let kg = start(cfg).await;
     assert_eq!(get(kg.addr, "/").await.status(), 404);

@@ -57,6 +57,8 @@ pub enum Problem {
     Negative(i64),
     #[error("must be at least {min}, got {got}")]
     TooSmall { min: u64, got: u64 },
+    #[error("must be at most {max}, got {got}")]
+    TooLarge { max: u64, got: u64 },
     #[error("invalid address {0:?} (expected IP:port, e.g. \"127.0.0.1:8080\")")]
     InvalidAddress(String),
     #[error("{0:?} is listed twice")]
@@ -81,6 +83,28 @@ pub enum Problem {
     NoRoutes(usize),
     #[error("must not be empty; write \"off\" to turn the access log off")]
     EmptyAccessLog,
+    #[error("invalid value {value:?} (write {expected})")]
+    InvalidChoice {
+        value: String,
+        /// The values allowed, as the file spells them.
+        expected: &'static str,
+    },
+    #[error(
+        "unknown key {0:?} (expected check_before_reuse, honor_hints, learn, close_first, \
+         risk_aware_checkout or safe_retry)"
+    )]
+    UnknownGuard(String),
+    #[error(
+        "unknown condition {0:?} (expected \"connect-failure\", \"reset\", \"refused-stream\", \
+         \"retriable-status-codes\" or \"timeout\")"
+    )]
+    UnknownRetryOn(String),
+    #[error("{0} is not an HTTP status (100 to 599)")]
+    InvalidStatus(u16),
+    #[error("\"retriable-status-codes\" is in retry_on but retriable_status_codes is empty")]
+    NoRetriableStatusCodes,
+    #[error("backoff_base {base:?} is longer than backoff_max {max:?}")]
+    BackoffOrder { base: String, max: String },
 }
 
 impl ConfigError {
@@ -152,6 +176,7 @@ mod tests {
     fn invalid_values_are_reported_with_their_key() {
         let with_upstream = |key: &str| format!("{MINIMAL}{key}\n");
         let with_downstream = |key: &str| format!("{MINIMAL}[downstream]\n{key}\n");
+        let with_retry = |key: &str| format!("{MINIMAL}[retry]\n{key}\n");
         for (text, expected) in [
             (
                 with_upstream("keepalive_timeout = \"5x\""),
@@ -212,6 +237,48 @@ mod tests {
             (
                 MINIMAL.replace("name = \"app\"", ""),
                 "upstream 1: name: required but not given",
+            ),
+            (
+                with_upstream("replay_buffer = \"64KB!\""),
+                r#"upstream "app": replay_buffer: invalid size "64KB!" (write bytes, or a number and k, KiB, m, MiB, g or GiB)"#,
+            ),
+            (
+                with_upstream("on_unretryable = \"503\""),
+                r#"upstream "app": on_unretryable: invalid value "503" (write "502" or "close")"#,
+            ),
+            (
+                with_upstream("[upstream.retry_budget]\npercent = 101"),
+                r#"upstream "app": retry_budget: percent: must be at most 100, got 101"#,
+            ),
+            (
+                with_retry("attempts = 0"),
+                "retry: attempts: must be at least 1, got 0",
+            ),
+            (
+                with_retry("attempts = 11"),
+                "retry: attempts: must be at most 10, got 11",
+            ),
+            (
+                with_retry("retriable_status_codes = [503, 600]"),
+                "retry: retriable_status_codes: 600 is not an HTTP status (100 to 599)",
+            ),
+            (
+                with_retry("retry_on = [\"retriable-status-codes\"]"),
+                r#"retry: "retriable-status-codes" is in retry_on but retriable_status_codes is empty"#,
+            ),
+            (
+                with_retry("backoff_base = \"1s\""),
+                r#"retry: backoff_base "1s" is longer than backoff_max "250ms""#,
+            ),
+            (
+                with_retry("per_try_timeout = \"5\""),
+                r#"retry: per_try_timeout: invalid duration "5" (write a number and a unit, e.g. "500ms", "5s", "1m")"#,
+            ),
+            (
+                format!(
+                    "{MINIMAL}[[route]]\nupstream = \"app\"\n[route.retry]\nbackoff_max = \"10ms\"\n"
+                ),
+                r#"route 1: retry: backoff_base "25ms" is longer than backoff_max "10ms""#,
             ),
         ] {
             assert_eq!(error(&text), expected, "\n{text}");
@@ -293,7 +360,22 @@ mod tests {
                 format!("{MINIMAL}bogus = 1\n"),
                 "line 6, column 1: unknown field `bogus`, expected one of `name`, `servers`, `keepalive`, \
                  `keepalive_timeout`, `keepalive_requests`, `keepalive_time`, `connect_timeout`, \
-                 `read_timeout`, `send_timeout`",
+                 `read_timeout`, `send_timeout`, `replay_buffer`, `on_unretryable`, `guards`, \
+                 `retry_budget`",
+            ),
+            (
+                format!("{MINIMAL}[upstream.retry_budget]\nshare = 1\n"),
+                "line 7, column 1: unknown field `share`, expected `percent` or `min_concurrency`",
+            ),
+            (
+                format!("{MINIMAL}[retry]\ntries = 3\n"),
+                "line 7, column 1: unknown field `tries`, expected one of `retry_on`, \
+                 `retriable_status_codes`, `attempts`, `per_try_timeout`, `backoff_base`, \
+                 `backoff_max`, `retry_non_idempotent`",
+            ),
+            (
+                format!("{MINIMAL}[[route]]\nupstream = \"app\"\n[route.retry]\nattempts = -1\n"),
+                "line 9, column 12: attempts: invalid value: integer `-1`, expected u32",
             ),
             (
                 format!("{MINIMAL}keepalive = \"x\"\n"),

@@ -6,11 +6,11 @@
 use std::fmt;
 use std::time::Duration;
 
-use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 
 use super::units::{format_duration, format_size};
-use super::{AccessLog, Config};
+use super::{AccessLog, Config, Guards, OnUnretryable, RetryPolicy};
 
 #[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -27,6 +27,8 @@ pub(crate) struct RawConfig {
     pub(crate) admin: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) downstream: Option<RawDownstream>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) retry: Option<RawRetry>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(crate) upstream: Vec<RawUpstream>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -58,6 +60,30 @@ pub(crate) struct RawUpstream {
     pub(crate) connect_timeout: Option<String>,
     pub(crate) read_timeout: Option<String>,
     pub(crate) send_timeout: Option<String>,
+    pub(crate) replay_buffer: Option<Size>,
+    pub(crate) on_unretryable: Option<String>,
+    pub(crate) guards: Option<RawGuards>,
+    pub(crate) retry_budget: Option<RawRetryBudget>,
+}
+
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRetryBudget {
+    pub(crate) percent: Option<u32>,
+    pub(crate) min_concurrency: Option<u32>,
+}
+
+/// `[retry]` and `[route.retry]`.
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRetry {
+    pub(crate) retry_on: Option<Vec<String>>,
+    pub(crate) retriable_status_codes: Option<Vec<u16>>,
+    pub(crate) attempts: Option<u32>,
+    pub(crate) per_try_timeout: Option<String>,
+    pub(crate) backoff_base: Option<String>,
+    pub(crate) backoff_max: Option<String>,
+    pub(crate) retry_non_idempotent: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -67,6 +93,75 @@ pub(crate) struct RawRoute {
     pub(crate) host: Option<String>,
     pub(crate) path_prefix: Option<String>,
     pub(crate) upstream: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) retry: Option<RawRetry>,
+}
+
+/// `guards = "on"` or `"off"`, or a `[upstream.guards]` table of switches.
+#[derive(Debug)]
+pub(crate) enum RawGuards {
+    Switch(String),
+    Table(RawGuardTable),
+}
+
+/// The switches of a `[upstream.guards]` table; a missing one is on.
+#[derive(Debug, Default, Serialize)]
+pub(crate) struct RawGuardTable {
+    pub(crate) check_before_reuse: Option<bool>,
+    pub(crate) honor_hints: Option<bool>,
+    pub(crate) learn: Option<bool>,
+    pub(crate) close_first: Option<bool>,
+    pub(crate) risk_aware_checkout: Option<bool>,
+    pub(crate) safe_retry: Option<bool>,
+    /// Keys that name no guard, in file order. Collected rather than refused while parsing, so
+    /// the error can name the upstream group ("upstream \"app\": guards: unknown key ...").
+    #[serde(skip)]
+    pub(crate) unknown: Vec<String>,
+}
+
+impl Serialize for RawGuards {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            RawGuards::Switch(text) => serializer.serialize_str(text),
+            RawGuards::Table(table) => table.serialize(serializer),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for RawGuards {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct GuardsVisitor;
+        impl<'de> Visitor<'de> for GuardsVisitor {
+            type Value = RawGuards;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("\"on\", \"off\" or a table")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawGuards, E> {
+                Ok(RawGuards::Switch(v.to_owned()))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawGuards, A::Error> {
+                let mut table = RawGuardTable::default();
+                while let Some(key) = map.next_key::<String>()? {
+                    let switch = match key.as_str() {
+                        "check_before_reuse" => &mut table.check_before_reuse,
+                        "honor_hints" => &mut table.honor_hints,
+                        "learn" => &mut table.learn,
+                        "close_first" => &mut table.close_first,
+                        "risk_aware_checkout" => &mut table.risk_aware_checkout,
+                        "safe_retry" => &mut table.safe_retry,
+                        _ => {
+                            map.next_value::<de::IgnoredAny>()?;
+                            table.unknown.push(key);
+                            continue;
+                        }
+                    };
+                    *switch = Some(map.next_value()?);
+                }
+                Ok(RawGuards::Table(table))
+            }
+        }
+        deserializer.deserialize_any(GuardsVisitor)
+    }
 }
 
 /// `listen = "addr"` or `listen = ["addr", ...]`.
@@ -187,6 +282,19 @@ impl From<&Config> for RawConfig {
                     connect_timeout: duration(g.connect_timeout),
                     read_timeout: duration(g.read_timeout),
                     send_timeout: duration(g.send_timeout),
+                    replay_buffer: size(g.replay_buffer as u64),
+                    on_unretryable: Some(
+                        match g.on_unretryable {
+                            OnUnretryable::BadGateway => "502",
+                            OnUnretryable::CloseClient => "close",
+                        }
+                        .to_owned(),
+                    ),
+                    guards: Some(RawGuards::Table(RawGuardTable::from(g.guards))),
+                    retry_budget: Some(RawRetryBudget {
+                        percent: Some(g.retry_budget.percent),
+                        min_concurrency: Some(g.retry_budget.min_concurrency),
+                    }),
                 })
                 .collect(),
             route: config
@@ -196,8 +304,43 @@ impl From<&Config> for RawConfig {
                     host: r.host.clone(),
                     path_prefix: Some(r.path_prefix.clone()),
                     upstream: Some(r.upstream.clone()),
+                    retry: Some(RawRetry::from(&r.retry)),
                 })
                 .collect(),
+            retry: Some(RawRetry::from(&config.retry)),
+        }
+    }
+}
+
+impl From<Guards> for RawGuardTable {
+    fn from(g: Guards) -> Self {
+        RawGuardTable {
+            check_before_reuse: Some(g.check_before_reuse),
+            honor_hints: Some(g.honor_hints),
+            learn: Some(g.learn),
+            close_first: Some(g.close_first),
+            risk_aware_checkout: Some(g.risk_aware_checkout),
+            safe_retry: Some(g.safe_retry),
+            unknown: Vec::new(),
+        }
+    }
+}
+
+impl From<&RetryPolicy> for RawRetry {
+    fn from(p: &RetryPolicy) -> Self {
+        RawRetry {
+            retry_on: Some(
+                super::retry::retry_on_names(p.retry_on)
+                    .map(str::to_owned)
+                    .collect(),
+            ),
+            retriable_status_codes: Some(p.retriable_status_codes.clone()),
+            attempts: Some(p.attempts),
+            // "0s" is how the file says "none".
+            per_try_timeout: Some(format_duration(p.per_try_timeout.unwrap_or_default())),
+            backoff_base: Some(format_duration(p.backoff_base)),
+            backoff_max: Some(format_duration(p.backoff_max)),
+            retry_non_idempotent: Some(p.retry_non_idempotent),
         }
     }
 }

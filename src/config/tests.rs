@@ -37,6 +37,25 @@ fn minimal_file_gets_every_default() {
     assert_eq!(config.admin, None);
     assert_eq!(config.routes, []);
     assert_eq!(
+        config.retry,
+        RetryPolicy {
+            retry_on: RetryOn {
+                connect_failure: true,
+                reset: true,
+                refused_stream: false,
+                retriable_status_codes: false,
+                timeout: false,
+            },
+            retriable_status_codes: Vec::new(),
+            attempts: 2,
+            per_try_timeout: None,
+            backoff_base: Duration::from_millis(25),
+            backoff_max: Duration::from_millis(250),
+            retry_non_idempotent: false,
+        }
+    );
+    assert_eq!(config.retry, RetryPolicy::default());
+    assert_eq!(
         config.downstream,
         DownstreamConfig {
             keepalive_timeout: Duration::from_secs(620),
@@ -65,8 +84,23 @@ fn minimal_file_gets_every_default() {
             connect_timeout: Duration::from_secs(5),
             read_timeout: Duration::from_secs(60),
             send_timeout: Duration::from_secs(60),
+            guards: Guards {
+                check_before_reuse: true,
+                honor_hints: true,
+                learn: true,
+                close_first: true,
+                risk_aware_checkout: true,
+                safe_retry: true,
+            },
+            replay_buffer: 64 * 1024,
+            on_unretryable: OnUnretryable::BadGateway,
+            retry_budget: RetryBudget {
+                percent: 20,
+                min_concurrency: 3,
+            },
         }]
     );
+    assert_eq!(Guards::default(), Guards::ON);
 }
 
 #[test]
@@ -77,6 +111,11 @@ fn example_file_loads_and_states_the_defaults() {
     assert_eq!(config.admin, Some(addr("127.0.0.1:9901")));
     assert_eq!(config.downstream, minimal.downstream);
     assert_eq!(config.upstreams, minimal.upstreams);
+    assert_eq!(config.retry, minimal.retry);
+    assert!(!config.routes.is_empty(), "the example shows a route");
+    for route in &config.routes {
+        assert_eq!(route.retry, minimal.retry, "route {}", route.path_prefix);
+    }
     assert_eq!(
         (config.workers, config.drain_timeout),
         (minimal.workers, minimal.drain_timeout)
@@ -137,6 +176,7 @@ fn values_in_the_file_replace_defaults() {
         host: Some("api.example.com".to_owned()),
         path_prefix: "/".to_owned(),
         upstream: "app".to_owned(),
+        retry: RetryPolicy::default(),
     };
     assert_eq!(config.routes, [route]);
 }
@@ -160,20 +200,37 @@ fn to_toml_loads_back_to_the_same_config() {
         keepalive_timeout = "58s"
         max_header_size = 10000
         max_body_size = "1GiB"
+        [retry]
+        retry_on = ["timeout", "retriable-status-codes", "connect-failure"]
+        retriable_status_codes = [503, 429]
+        per_try_timeout = "2s 500ms"
+        backoff_max = "1s"
         [[upstream]]
         name = "app"
         servers = ["localhost:3000", "127.0.0.1:3001"]
         keepalive_timeout = "750ms"
+        guards = "off"
+        replay_buffer = 1000
+        on_unretryable = "close"
+        [upstream.retry_budget]
+        percent = 0
         [[upstream]]
         name = "static"
         servers = ["127.0.0.1:4000"]
         keepalive = 0
+        [upstream.guards]
+        learn = false
         [[route]]
         host = "static.example.com"
         upstream = "static"
+        [route.retry]
+        retry_on = []
         [[route]]
         path_prefix = "/assets/"
         upstream = "static"
+        [route.retry]
+        attempts = 10
+        retry_non_idempotent = true
         [[route]]
         upstream = "app"
         "#,
@@ -205,6 +262,14 @@ fn to_toml_writes_every_key_of_a_minimal_file() {
         "max_body_size = 0",
         "keepalive_timeout = \"1s\"",
         "connect_timeout = \"5s\"",
+        "replay_buffer = \"64KiB\"",
+        "on_unretryable = \"502\"",
+        "[upstream.guards]\ncheck_before_reuse = true\nhonor_hints = true\nlearn = true\n\
+         close_first = true\nrisk_aware_checkout = true\nsafe_retry = true\n",
+        "[upstream.retry_budget]\npercent = 20\nmin_concurrency = 3\n",
+        "[retry]\nretry_on = [\"connect-failure\", \"reset\"]\nretriable_status_codes = []\n\
+         attempts = 2\nper_try_timeout = \"0s\"\nbackoff_base = \"25ms\"\n\
+         backoff_max = \"250ms\"\nretry_non_idempotent = false\n",
         "# admin is off",
     ] {
         assert!(printed.contains(line), "{line:?} missing from:\n{printed}");
@@ -227,6 +292,8 @@ fn from_cli_makes_one_default_group_and_no_routes() {
     );
     assert_eq!(config.routes, []);
     assert_eq!(config.downstream, defaults.downstream);
+    assert_eq!(config.retry, RetryPolicy::default());
+    assert_eq!(config.upstreams[0].guards, Guards::ON);
 }
 
 #[test]
@@ -258,4 +325,159 @@ fn from_file_prefixes_errors_with_the_path() {
 fn from_file_loads_the_example() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/kaguard.toml");
     assert!(Config::from_file(&path).is_ok());
+}
+
+#[test]
+fn guards_shorthand_switches_all_of_them() {
+    let off = load(&format!("{MINIMAL}guards = \"off\"\n"));
+    assert_eq!(off.upstreams[0].guards, Guards::OFF);
+    let on = load(&format!("{MINIMAL}guards = \"on\"\n"));
+    assert_eq!(on.upstreams[0].guards, Guards::ON);
+}
+
+#[test]
+fn guards_table_turns_off_only_the_guards_it_names() {
+    let config = load(&format!(
+        "{MINIMAL}[upstream.guards]\nlearn = false\nsafe_retry = false\ncheck_before_reuse = true\n"
+    ));
+    assert_eq!(
+        config.upstreams[0].guards,
+        Guards {
+            learn: false,
+            safe_retry: false,
+            ..Guards::ON
+        }
+    );
+    let empty = load(&format!("{MINIMAL}[upstream.guards]\n"));
+    assert_eq!(empty.upstreams[0].guards, Guards::ON);
+}
+
+#[test]
+fn guards_errors_name_the_group_and_the_key() {
+    assert_eq!(
+        error(&format!("{MINIMAL}[upstream.guards]\nx = true\n")),
+        r#"upstream "app": guards: unknown key "x" (expected check_before_reuse, honor_hints, learn, close_first, risk_aware_checkout or safe_retry)"#
+    );
+    assert_eq!(
+        error(&format!("{MINIMAL}guards = \"none\"\n")),
+        r#"upstream "app": guards: invalid value "none" (write "on", "off", or a [upstream.guards] table)"#
+    );
+    assert_eq!(
+        error(&format!("{MINIMAL}[upstream.guards]\nlearn = \"no\"\n")),
+        r#"line 7, column 9: learn: invalid type: string "no", expected a boolean"#
+    );
+    assert_eq!(
+        error(&format!("{MINIMAL}guards = false\n")),
+        r#"line 6, column 10: guards: invalid type: boolean `false`, expected "on", "off" or a table"#
+    );
+}
+
+#[test]
+fn upstream_recovery_keys_replace_defaults() {
+    let config = load(&format!(
+        "{MINIMAL}replay_buffer = \"1MiB\"\non_unretryable = \"close\"\n\
+         [upstream.retry_budget]\npercent = 50\n"
+    ));
+    let group = &config.upstreams[0];
+    assert_eq!(group.replay_buffer, 1 << 20);
+    assert_eq!(group.on_unretryable, OnUnretryable::CloseClient);
+    assert_eq!(
+        group.retry_budget,
+        RetryBudget {
+            percent: 50,
+            min_concurrency: 3
+        }
+    );
+    let none = load(&format!("{MINIMAL}replay_buffer = 0\n"));
+    assert_eq!(none.upstreams[0].replay_buffer, 0);
+}
+
+#[test]
+fn retry_on_reads_envoy_names_in_any_order() {
+    let config = load(&format!(
+        "{MINIMAL}[retry]\nretry_on = [\"timeout\", \"refused-stream\", \"retriable-status-codes\", \
+         \"reset\", \"connect-failure\", \"reset\"]\nretriable_status_codes = [503]\n"
+    ));
+    assert_eq!(
+        config.retry.retry_on,
+        RetryOn {
+            connect_failure: true,
+            reset: true,
+            refused_stream: true,
+            retriable_status_codes: true,
+            timeout: true,
+        }
+    );
+    assert_eq!(config.retry.retriable_status_codes, [503]);
+    let none = load(&format!("{MINIMAL}[retry]\nretry_on = []\n"));
+    assert_eq!(none.retry.retry_on, RetryOn::default());
+}
+
+#[test]
+fn retry_on_with_an_unknown_name_is_an_error_naming_it() {
+    assert_eq!(
+        error(&format!(
+            "{MINIMAL}[retry]\nretry_on = [\"reset\", \"5xx\"]\n"
+        )),
+        r#"retry: retry_on: unknown condition "5xx" (expected "connect-failure", "reset", "refused-stream", "retriable-status-codes" or "timeout")"#
+    );
+    assert_eq!(
+        error(&format!(
+            "{MINIMAL}[[route]]\nupstream = \"app\"\n[route.retry]\nretry_on = [\"connect_failure\"]\n"
+        )),
+        r#"route 1: retry: retry_on: unknown condition "connect_failure" (expected "connect-failure", "reset", "refused-stream", "retriable-status-codes" or "timeout")"#
+    );
+}
+
+#[test]
+fn route_retry_takes_omitted_keys_from_the_top_level_retry() {
+    let config = load(&format!(
+        r#"{MINIMAL}
+        [retry]
+        retry_on = ["connect-failure", "retriable-status-codes"]
+        retriable_status_codes = [503]
+        attempts = 4
+        per_try_timeout = "3s"
+        [[route]]
+        path_prefix = "/api"
+        upstream = "app"
+        [route.retry]
+        attempts = 1
+        backoff_base = "5ms"
+        [[route]]
+        upstream = "app"
+        "#
+    ));
+    let top = RetryPolicy {
+        retry_on: RetryOn {
+            connect_failure: true,
+            retriable_status_codes: true,
+            ..RetryOn::default()
+        },
+        retriable_status_codes: vec![503],
+        attempts: 4,
+        per_try_timeout: Some(Duration::from_secs(3)),
+        ..RetryPolicy::default()
+    };
+    assert_eq!(config.retry, top);
+    assert_eq!(
+        config.routes[0].retry,
+        RetryPolicy {
+            attempts: 1,
+            backoff_base: Duration::from_millis(5),
+            ..top.clone()
+        }
+    );
+    assert_eq!(config.routes[1].retry, top);
+}
+
+#[test]
+fn per_try_timeout_of_zero_means_none() {
+    let config = load(&format!("{MINIMAL}[retry]\nper_try_timeout = \"0s\"\n"));
+    assert_eq!(config.retry.per_try_timeout, None);
+    let config = load(&format!("{MINIMAL}[retry]\nper_try_timeout = \"750ms\"\n"));
+    assert_eq!(
+        config.retry.per_try_timeout,
+        Some(Duration::from_millis(750))
+    );
 }

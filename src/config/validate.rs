@@ -7,10 +7,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::raw::{RawConfig, RawDownstream, RawRoute, RawUpstream, Size};
+use super::retry;
 use super::units::{parse_duration, parse_size};
 use super::{
     AccessLog, Config, ConfigError, DEFAULT_DRAIN_TIMEOUT, DEFAULT_WORKERS, DownstreamConfig,
-    Problem, RouteConfig, ServerConfig, UpstreamGroupConfig,
+    Problem, RetryPolicy, RouteConfig, ServerConfig, UpstreamGroupConfig,
 };
 
 /// hyper's `max_buf_size` panics below 8192; rejecting it here names the key instead.
@@ -42,6 +43,11 @@ pub(super) fn config(raw: RawConfig) -> Result<Config, ConfigError> {
         .map(|text| socket_addr("admin", &text))
         .transpose()?;
     let downstream = downstream(raw.downstream.unwrap_or_default())?;
+    let retry = retry::policy(
+        "retry",
+        raw.retry.unwrap_or_default(),
+        &RetryPolicy::default(),
+    )?;
     if raw.upstream.is_empty() {
         return Err(ConfigError::invalid("upstream", Problem::Empty));
     }
@@ -63,7 +69,7 @@ pub(super) fn config(raw: RawConfig) -> Result<Config, ConfigError> {
         }
         upstreams.push(group);
     }
-    let routes = routes(raw.route, &upstreams)?;
+    let routes = routes(raw.route, &upstreams, &retry)?;
     Ok(Config {
         listen,
         workers,
@@ -71,6 +77,7 @@ pub(super) fn config(raw: RawConfig) -> Result<Config, ConfigError> {
         downstream,
         upstreams,
         routes,
+        retry,
         access_log,
         admin,
     })
@@ -125,12 +132,7 @@ fn downstream(raw: RawDownstream) -> Result<DownstreamConfig, ConfigError> {
                 };
                 return Err(ConfigError::invalid(at("max_header_size"), problem));
             }
-            usize::try_from(got).map_err(|_| {
-                ConfigError::invalid(
-                    at("max_header_size"),
-                    Problem::SizeTooLarge(got.to_string()),
-                )
-            })?
+            in_memory(&at("max_header_size"), got)?
         }
     };
     Ok(DownstreamConfig {
@@ -241,6 +243,20 @@ fn upstream(index: usize, raw: RawUpstream) -> Result<UpstreamGroupConfig, Confi
             d.send_timeout,
             NEVER_ZERO,
         )?,
+        guards: retry::guards(&at("guards"), raw.guards)?,
+        replay_buffer: match raw.replay_buffer {
+            None => d.replay_buffer,
+            Some(size) => in_memory(
+                &at("replay_buffer"),
+                size_bytes(&at("replay_buffer"), size)?,
+            )?,
+        },
+        on_unretryable: retry::on_unretryable(
+            &at("on_unretryable"),
+            raw.on_unretryable,
+            d.on_unretryable,
+        )?,
+        retry_budget: retry::retry_budget(&at("retry_budget"), raw.retry_budget)?,
         name,
         servers,
     })
@@ -278,9 +294,11 @@ fn resolve(text: &str) -> Result<ServerConfig, Problem> {
     Ok(ServerConfig { name, addr })
 }
 
+/// `base_retry` is the file's `[retry]`, which each `[route.retry]` overrides key by key.
 fn routes(
     raw: Vec<RawRoute>,
     upstreams: &[UpstreamGroupConfig],
+    base_retry: &RetryPolicy,
 ) -> Result<Vec<RouteConfig>, ConfigError> {
     if raw.is_empty() && upstreams.len() > 1 {
         return Err(ConfigError::invalid(
@@ -312,10 +330,15 @@ fn routes(
         if let Some(first) = seen.insert((host.clone(), path_prefix.clone()), i + 1) {
             return Err(ConfigError::invalid(at, Problem::DuplicateRoute(first)));
         }
+        let retry = match r.retry {
+            None => base_retry.clone(),
+            Some(raw) => retry::policy(&format!("{at}: retry"), raw, base_retry)?,
+        };
         routes.push(RouteConfig {
             host,
             path_prefix,
             upstream,
+            retry,
         });
     }
     Ok(routes)
@@ -386,6 +409,12 @@ fn at_least_one(at: &str, value: Option<u64>, default: u64) -> Result<u64, Confi
         )),
         Some(n) => Ok(n),
     }
+}
+
+/// A size held in memory must fit the address space.
+fn in_memory(at: &str, bytes: u64) -> Result<usize, ConfigError> {
+    usize::try_from(bytes)
+        .map_err(|_| ConfigError::invalid(at, Problem::SizeTooLarge(bytes.to_string())))
 }
 
 fn size_bytes(at: &str, size: Size) -> Result<u64, ConfigError> {

@@ -1,36 +1,44 @@
-//! An upstream group at run time: its servers, its pool, and the leases that lend pooled
-//! connections to requests.
+//! An upstream group at run time: its servers, its pool, the leases that lend pooled
+//! connections to requests, and its retry budget.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
-use crate::config::UpstreamGroupConfig;
-use crate::error::Failure;
-use crate::metrics::{GroupMetrics, Metrics};
-use crate::pool::{ConnMeta, Limits, Pool};
+use crate::config::{Guards, OnUnretryable, RetryBudget, UpstreamGroupConfig};
+use crate::error::{Failure, Transport};
+use crate::metrics::{Dropped, GroupMetrics, Metrics};
+use crate::pool::learn::Change;
+use crate::pool::{ConnMeta, Event, Limits, Liveness, Pool, PoolGuards, Risk};
 use crate::reuse::{Reason, Returning};
-use crate::upstream::UpstreamConn;
+use crate::upstream::{Peek, UpstreamConn};
 
 /// Serial of upstream connections, unique in the process.
 static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
 
 /// The reaper never sleeps less than this between two sweeps, so a pool whose connections
-/// expire one after another does not turn it into a busy loop.
-const REAPER_MIN_GAP: Duration = Duration::from_millis(10);
+/// expire one after another does not turn it into a busy loop; it is also how late past its
+/// budget kaguard may close an idle connection, far inside the budget's own margin.
+const REAPER_MIN_GAP: Duration = Duration::from_millis(5);
 
-struct Server {
-    addr: SocketAddr,
-}
+/// The reaper sweeps at least this often, to notice upstream closes of idle connections
+/// (and learn from them) even when no budget is about to run out.
+const REAPER_MAX_GAP: Duration = Duration::from_millis(250);
 
 pub struct Group {
     pub name: String,
-    servers: Vec<Server>,
+    servers: Vec<SocketAddr>,
     pool: Mutex<Pool<UpstreamConn>>,
     pub read_timeout: Duration,
     connect_timeout: Duration,
+    pub guards: Guards,
+    pub replay_buffer: usize,
+    pub on_unretryable: OnUnretryable,
+    budget: RetryBudget,
     next: AtomicUsize,
+    in_flight: AtomicU64,
+    retries_in_flight: AtomicU64,
     pub metrics: GroupMetrics,
 }
 
@@ -45,17 +53,26 @@ impl Group {
             max_requests: cfg.keepalive_requests,
             max_lifetime: cfg.keepalive_time,
         };
+        let g = cfg.guards;
+        let guards = PoolGuards {
+            honor_hints: g.honor_hints,
+            learn: g.learn,
+            close_first: g.close_first,
+            risk_aware_checkout: g.risk_aware_checkout,
+        };
         Group {
             name: cfg.name.clone(),
-            servers: cfg
-                .servers
-                .iter()
-                .map(|s| Server { addr: s.addr })
-                .collect(),
-            pool: Mutex::new(Pool::new(limits)),
+            servers: cfg.servers.iter().map(|s| s.addr).collect(),
+            pool: Mutex::new(Pool::new(limits, guards, cfg.servers.len())),
             read_timeout: cfg.read_timeout,
             connect_timeout: cfg.connect_timeout,
+            guards: cfg.guards,
+            replay_buffer: cfg.replay_buffer,
+            on_unretryable: cfg.on_unretryable,
+            budget: cfg.retry_budget,
             next: AtomicUsize::new(0),
+            in_flight: AtomicU64::new(0),
+            retries_in_flight: AtomicU64::new(0),
             metrics: metrics.group(&cfg.name, &names),
         }
     }
@@ -71,67 +88,139 @@ impl Group {
     }
 
     pub fn server_addr(&self, server: usize) -> SocketAddr {
-        self.servers[server].addr
+        self.servers[server]
     }
 
     fn lock(&self) -> MutexGuard<'_, Pool<UpstreamConn>> {
-        // A panic while holding the lock leaves the pool consistent (every method finishes
-        // its own bookkeeping before calling out), so a poisoned lock is still usable.
+        // Every pool method finishes its own bookkeeping before it calls out, so a panic in a
+        // callback leaves the pool consistent and a poisoned lock still usable.
         self.pool
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Runs `f` on the pool, then closes and counts what it let go, outside the lock.
+    /// Runs `f` on the pool, then closes, counts and logs what it let go, outside the lock.
     fn with_pool<T>(&self, f: impl FnOnce(&mut Pool<UpstreamConn>, &mut Closed) -> T) -> T {
         let mut closed = Closed::new();
-        let out = {
+        let (out, events) = {
             let mut pool = self.lock();
             let out = f(&mut pool, &mut closed);
             self.metrics.pool_idle.set(pool.idle() as i64);
-            out
+            (out, pool.take_events())
         };
         for (conn, meta, reason) in closed {
             self.count_close(&meta, reason);
             drop(conn);
         }
+        for event in events {
+            self.report(event);
+        }
         out
+    }
+
+    fn report(&self, event: Event) {
+        match event {
+            Event::UpstreamClosedIdle { server, idle_for } => {
+                self.metrics.servers[server]
+                    .closed_idle_age
+                    .observe(idle_for.as_secs_f64());
+            }
+            Event::Learned {
+                server,
+                change: Change::IdleTimeout { observed, budget },
+            } => {
+                self.metrics.servers[server]
+                    .learned_idle_budget
+                    .set(budget.as_secs_f64());
+                tracing::warn!(
+                    upstream = %self.servers[server],
+                    "upstream {} closes idle connections after ~{}; reusing them for at most {}",
+                    self.servers[server],
+                    humantime::format_duration(round_ms(observed)),
+                    humantime::format_duration(round_ms(budget)),
+                );
+            }
+            Event::Learned {
+                server,
+                change: Change::RequestCap { observed, cap },
+            } => {
+                self.metrics.servers[server]
+                    .learned_request_cap
+                    .set(cap as i64);
+                tracing::warn!(
+                    upstream = %self.servers[server],
+                    "upstream {} closes connections after {observed} requests; sending at most {cap} on each",
+                    self.servers[server],
+                );
+            }
+        }
     }
 
     fn count_close(&self, meta: &ConnMeta, reason: Reason) {
         self.metrics.servers[meta.server].closed(reason).inc();
-        tracing::debug!(upstream = %self.name, conn = meta.id, reason = reason.as_str(), "closing upstream connection");
+        tracing::debug!(upstream = %self.servers[meta.server], conn = meta.id, reason = reason.as_str(), "closing upstream connection");
     }
 
-    /// Lends the most recently used idle connection to `server`, skipping any that hyper
-    /// already knows to be closed.
-    pub fn checkout(self: &Arc<Self>, server: usize, now: Instant) -> Option<Lease> {
-        loop {
-            let reused = self.with_pool(|pool, closed| {
-                pool.checkout(server, now, |c, m, r| closed.push((c, m, r)))
-            })?;
-            if reused.conn.is_closed() {
-                self.count_close(&reused.meta, Reason::ClosedByUpstream);
-                continue;
-            }
-            self.metrics.servers[server].reused.inc();
-            return Some(self.lease(reused.conn, reused.meta, true, reused.idle_for));
+    /// Whether a pooled connection is still open: hyper's view always, and with the
+    /// `check_before_reuse` guard a non-blocking look at the socket itself, which sees a FIN
+    /// or RST the moment the kernel has it, before hyper's task has run.
+    fn liveness(&self, conn: &UpstreamConn, server: usize, now: Instant, peek: bool) -> Liveness {
+        let metrics = &self.metrics.servers[server];
+        if conn.is_closed() {
+            metrics.dropped(Dropped::Closed).inc();
+            return Liveness::Closed {
+                at: conn.closed_at().unwrap_or(now),
+            };
         }
+        if !peek {
+            return Liveness::Alive;
+        }
+        match conn.peek() {
+            Peek::Clean => Liveness::Alive,
+            Peek::Closed(transport) => {
+                let cause = if transport == Transport::Reset {
+                    Dropped::Rst
+                } else {
+                    Dropped::Fin
+                };
+                metrics.dropped(cause).inc();
+                Liveness::Closed { at: now }
+            }
+            Peek::StrayBytes => {
+                metrics.dropped(Dropped::StrayBytes).inc();
+                Liveness::Closed { at: now }
+            }
+        }
+    }
+
+    /// Lends an idle connection to `server` fit for a request of this `risk`.
+    pub fn checkout(self: &Arc<Self>, server: usize, now: Instant, risk: Risk) -> Option<Lease> {
+        let peek = self.guards.check_before_reuse;
+        let reused = self.with_pool(|pool, closed| {
+            pool.checkout(
+                server,
+                now,
+                risk,
+                |c| self.liveness(c, server, now, peek),
+                |c, m, r| closed.push((c, m, r)),
+            )
+        })?;
+        self.metrics.servers[server].reused.inc();
+        Some(self.lease(reused.conn, reused.meta, true, reused.idle_for))
     }
 
     /// Opens a new connection to `server`.
     pub async fn connect(self: &Arc<Self>, server: usize) -> Result<Lease, Failure> {
-        let addr = self.servers[server].addr;
+        let addr = self.servers[server];
         let metrics = &self.metrics.servers[server];
         match UpstreamConn::connect(addr, self.connect_timeout).await {
             Ok(conn) => {
                 metrics.opened.inc();
-                let meta = ConnMeta {
-                    id: NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed),
+                let meta = ConnMeta::new(
+                    NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed),
                     server,
-                    created: Instant::now(),
-                    requests: 0,
-                };
+                    Instant::now(),
+                );
                 Ok(self.lease(conn, meta, false, Duration::ZERO))
             }
             Err(failure) => {
@@ -159,27 +248,99 @@ impl Group {
         }
     }
 
+    /// A reused connection failed before any response byte: the upstream had closed it
+    /// `idle_for` after its last response. Learn from it like from a close seen while idle.
+    pub fn learn_from_failure(&self, lease: &Lease, now: Instant) {
+        let served = ConnMeta {
+            requests: lease.meta.requests.saturating_sub(1),
+            ..lease.meta
+        };
+        self.with_pool(|pool, _| pool.observe_close(&served, lease.idle_for, now));
+    }
+
     /// Closes every idle connection.
     pub fn drain(&self) {
         self.with_pool(|pool, closed| pool.drain(|c, m, r| closed.push((c, m, r))));
     }
+
+    /// Counts a request in flight for the retry budget until the guard drops.
+    pub fn begin_request(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight {
+            group: self.clone(),
+            retries: 0,
+        }
+    }
 }
 
-/// Closes idle connections once they pass their idle budget or lifetime, or once hyper sees
-/// the upstream closed them: one task per group, waking at the next expiry, never a timer
-/// per connection.
+/// A request in flight in its group, and the retries it holds from the budget.
+pub struct InFlight {
+    group: Arc<Group>,
+    retries: u64,
+}
+
+impl InFlight {
+    /// Takes one retry from the group's budget: retries in flight stay within `percent` of
+    /// the requests in flight, or `min_concurrency`, whichever is more.
+    pub fn try_retry(&mut self) -> bool {
+        let g = &self.group;
+        let in_flight = g.in_flight.load(Ordering::Relaxed);
+        let allowed = (in_flight * u64::from(g.budget.percent) / 100)
+            .max(u64::from(g.budget.min_concurrency));
+        if g.retries_in_flight.fetch_add(1, Ordering::Relaxed) >= allowed {
+            g.retries_in_flight.fetch_sub(1, Ordering::Relaxed);
+            g.metrics.retry_budget_exhausted.inc();
+            return false;
+        }
+        self.retries += 1;
+        true
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.group.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.group
+            .retries_in_flight
+            .fetch_sub(self.retries, Ordering::Relaxed);
+    }
+}
+
+fn round_ms(d: Duration) -> Duration {
+    Duration::from_millis(d.as_millis() as u64)
+}
+
+/// Closes idle connections once they pass their budget or lifetime, or once the upstream
+/// closed them (learning from it): one task per group, waking at the next expiry or every
+/// [`REAPER_MAX_GAP`], never a timer per connection.
 pub async fn reap(group: Weak<Group>) {
     loop {
         let wake = {
             let Some(group) = group.upgrade() else { return };
             let now = Instant::now();
             group.with_pool(|pool, closed| {
-                pool.expire(now, |c, m, r| closed.push((c, m, r)));
-                pool.evict_dead(UpstreamConn::is_closed, |c, m, r| closed.push((c, m, r)));
-                let idle_timeout = pool.limits().idle_timeout;
-                pool.next_expiry()
-                    .unwrap_or(now + idle_timeout)
-                    .max(now + REAPER_MIN_GAP)
+                pool.expire(
+                    now,
+                    |c| {
+                        if c.is_closed() {
+                            Liveness::Closed {
+                                at: c.closed_at().unwrap_or(now),
+                            }
+                        } else {
+                            Liveness::Alive
+                        }
+                    },
+                    |c, m, r| closed.push((c, m, r)),
+                );
+                for server in 0..group.servers.len() {
+                    let (idle, cap) = pool.learned(server, now);
+                    let m = &group.metrics.servers[server];
+                    m.learned_idle_budget
+                        .set(idle.map_or(0.0, |d| d.as_secs_f64()));
+                    m.learned_request_cap.set(cap.map_or(0, |c| c as i64));
+                }
+                let next = pool.next_expiry(now).unwrap_or(now + REAPER_MAX_GAP);
+                next.clamp(now + REAPER_MIN_GAP, now + REAPER_MAX_GAP)
             })
         };
         tokio::time::sleep_until(wake.into()).await;

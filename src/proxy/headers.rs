@@ -45,6 +45,30 @@ pub fn wants_keep_alive(version: Version, headers: &HeaderMap) -> bool {
     }
 }
 
+/// The upstream's `Keep-Alive: timeout=N, max=M` hint: seconds it keeps an idle connection,
+/// and requests it will still take on this one. Unknown parameters are ignored.
+pub fn keep_alive_hint(headers: &HeaderMap) -> (Option<u64>, Option<u64>) {
+    let mut timeout = None;
+    let mut max = None;
+    let params = headers
+        .get_all(HeaderName::from_static("keep-alive"))
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','));
+    for param in params {
+        let Some((key, value)) = param.split_once('=') else {
+            continue;
+        };
+        let value = value.trim().trim_matches('"').parse::<u64>().ok();
+        match key.trim() {
+            k if k.eq_ignore_ascii_case("timeout") => timeout = value,
+            k if k.eq_ignore_ascii_case("max") => max = value,
+            _ => {}
+        }
+    }
+    (timeout, max)
+}
+
 /// Removes `Connection`, every header it names, and the fixed hop-by-hop set.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     let listed: Vec<HeaderName> = headers
@@ -187,6 +211,23 @@ mod tests {
         assert_eq!(id.len(), 32);
         assert_eq!(h["x-request-id"], id);
         assert_eq!(h["connection"], "close");
+    }
+
+    #[test]
+    fn keep_alive_hint_is_parsed() {
+        assert_eq!(
+            keep_alive_hint(&map(&[("keep-alive", "timeout=5, max=99")])),
+            (Some(5), Some(99))
+        );
+        assert_eq!(
+            keep_alive_hint(&map(&[("keep-alive", "Timeout=0")])),
+            (Some(0), None)
+        );
+        assert_eq!(
+            keep_alive_hint(&map(&[("keep-alive", "foo")])),
+            (None, None)
+        );
+        assert_eq!(keep_alive_hint(&HeaderMap::new()), (None, None));
     }
 
     #[test]

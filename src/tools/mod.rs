@@ -1,3 +1,4 @@
 //! Subcommands that help diagnose keep-alive problems, with or without kaguard in the path.
 
+pub mod race;
 pub mod upstream;

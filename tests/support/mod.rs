@@ -239,3 +239,39 @@ pub async fn scripted_upstream(response: &'static [u8]) -> (SocketAddr, std::syn
     });
     (addr, accepted)
 }
+
+/// A test upstream on its own runtime and threads, as a separate server process would be,
+/// so its timers and the proxy's do not share a scheduler.
+pub struct Isolated {
+    pub up: TestUpstream,
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+impl Isolated {
+    pub fn start(behaviour: Behaviour) -> Isolated {
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            let up = rt
+                .block_on(TestUpstream::start(
+                    "127.0.0.1:0".parse().unwrap(),
+                    behaviour,
+                ))
+                .expect("test upstream starts");
+            Isolated { up, rt: Some(rt) }
+        })
+        .join()
+        .expect("upstream thread")
+    }
+}
+
+impl Drop for Isolated {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
