@@ -358,6 +358,12 @@ impl<C> Pool<C> {
         }
     }
 
+    /// When the reaper must close a connection checked in at `since`.
+    pub fn expiry(&self, meta: &ConnMeta, since: Instant) -> Instant {
+        let b = self.reaper_budget(meta, since);
+        (since + b.idle).min(meta.created + b.max_lifetime)
+    }
+
     /// The earliest instant at which an idle connection must be closed, for the reaper.
     pub fn next_expiry(&self, now: Instant) -> Option<Instant> {
         self.idle

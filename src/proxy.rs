@@ -290,15 +290,11 @@ impl Proxy {
                             }
                         }
                         Err((failure, returned)) => {
+                            // Nothing is learned from a failure after the request went out: an
+                            // upstream that crashed on it looks the same as one that closed
+                            // the idle connection, and learning a tiny budget from a crash
+                            // would end reuse. Closes seen while idle teach instead.
                             lease.fail();
-                            if reused
-                                && matches!(
-                                    failure,
-                                    Failure::NotSent { .. } | Failure::NoResponse { .. }
-                                )
-                            {
-                                group.learn_from_failure(&lease, Instant::now());
-                            }
                             (failure, returned)
                         }
                     }

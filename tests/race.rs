@@ -96,3 +96,27 @@ async fn guarded_pool_wins_against_a_silent_request_cap() {
     let report = sweep(&kg, Method::Post, 1500).await;
     assert_eq!(report.errors(), 0, "{report:?}");
 }
+
+/// Safety is not bought by giving up reuse: under steady load nearly every request goes out on
+/// a pooled connection (counted by the upstream's accepted connections).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steady_load_goes_out_on_reused_connections() {
+    let up = Isolated::start(Behaviour::node());
+    let kg = start(kaguard_config(&up, Guards::ON)).await;
+    let mut opts = RaceOptions::new(format!("http://{}/", kg.addr).parse().unwrap());
+    opts.connections = 10;
+    opts.method = Method::Mix;
+    opts.timeout = Duration::from_millis(10);
+    opts.below = Duration::from_millis(5);
+    opts.sync = false;
+    opts.requests = 3000;
+    let report = race::race(&opts, None).await.expect("the reproducer runs");
+    assert_eq!(report.errors(), 0, "{report:?}");
+    let reused = 1.0 - up.up.connections() as f64 / report.requests as f64;
+    assert!(
+        reused >= 0.99,
+        "only {:.2} % reused ({} upstream connections)",
+        reused * 100.0,
+        up.up.connections()
+    );
+}

@@ -4,7 +4,9 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
+
 use std::time::{Duration, Instant};
+use tokio::sync::Notify;
 
 use crate::config::{Guards, OnUnretryable, RetryBudget, UpstreamGroupConfig};
 use crate::error::{Failure, Transport};
@@ -40,6 +42,11 @@ pub struct Group {
     in_flight: AtomicU64,
     retries_in_flight: AtomicU64,
     pub metrics: GroupMetrics,
+    /// When the reaper plans to wake, in nanoseconds since `epoch`.
+    reaper_wake_ns: AtomicU64,
+    /// Its own allocation, so the sleeping reaper holds it without holding the group.
+    reaper: Arc<Notify>,
+    epoch: Instant,
 }
 
 type Closed = Vec<(UpstreamConn, ConnMeta, Reason)>;
@@ -74,6 +81,9 @@ impl Group {
             in_flight: AtomicU64::new(0),
             retries_in_flight: AtomicU64::new(0),
             metrics: metrics.group(&cfg.name, &names),
+            reaper_wake_ns: AtomicU64::new(0),
+            reaper: Arc::new(Notify::new()),
+            epoch: Instant::now(),
         }
     }
 
@@ -248,16 +258,6 @@ impl Group {
         }
     }
 
-    /// A reused connection failed before any response byte: the upstream had closed it
-    /// `idle_for` after its last response. Learn from it like from a close seen while idle.
-    pub fn learn_from_failure(&self, lease: &Lease, now: Instant) {
-        let served = ConnMeta {
-            requests: lease.meta.requests.saturating_sub(1),
-            ..lease.meta
-        };
-        self.with_pool(|pool, _| pool.observe_close(&served, lease.idle_for, now));
-    }
-
     /// Closes every idle connection.
     pub fn drain(&self) {
         self.with_pool(|pool, closed| pool.drain(|c, m, r| closed.push((c, m, r))));
@@ -306,6 +306,19 @@ impl Drop for InFlight {
     }
 }
 
+impl Group {
+    fn ns(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Wakes the reaper early if a connection just pooled expires before it planned to wake.
+    fn reaper_needed_by(&self, expiry: Instant) {
+        if self.ns(expiry) < self.reaper_wake_ns.load(Ordering::Relaxed) {
+            self.reaper.notify_one();
+        }
+    }
+}
+
 fn round_ms(d: Duration) -> Duration {
     Duration::from_millis(d.as_millis() as u64)
 }
@@ -315,7 +328,7 @@ fn round_ms(d: Duration) -> Duration {
 /// [`REAPER_MAX_GAP`], never a timer per connection.
 pub async fn reap(group: Weak<Group>) {
     loop {
-        let wake = {
+        let (wake, notified) = {
             let Some(group) = group.upgrade() else { return };
             let now = Instant::now();
             group.with_pool(|pool, closed| {
@@ -340,10 +353,17 @@ pub async fn reap(group: Weak<Group>) {
                     m.learned_request_cap.set(cap.map_or(0, |c| c as i64));
                 }
                 let next = pool.next_expiry(now).unwrap_or(now + REAPER_MAX_GAP);
-                next.clamp(now + REAPER_MIN_GAP, now + REAPER_MAX_GAP)
+                let wake = next.clamp(now + REAPER_MIN_GAP, now + REAPER_MAX_GAP);
+                group
+                    .reaper_wake_ns
+                    .store(group.ns(wake), Ordering::Relaxed);
+                (wake, group.reaper.clone())
             })
         };
-        tokio::time::sleep_until(wake.into()).await;
+        tokio::select! {
+            _ = tokio::time::sleep_until(wake.into()) => {}
+            _ = notified.notified() => {}
+        }
     }
 }
 
@@ -380,9 +400,13 @@ impl Lease {
             upstream_keep_alive,
         };
         let meta = self.meta;
-        self.group.with_pool(|pool, closed| {
-            pool.checkin(conn, meta, returning, now, |c, m, r| closed.push((c, m, r)));
+        let expiry = self.group.with_pool(|pool, closed| {
+            let pooled = pool.checkin(conn, meta, returning, now, |c, m, r| closed.push((c, m, r)));
+            pooled.then(|| pool.expiry(&meta, now))
         });
+        if let Some(expiry) = expiry {
+            self.group.reaper_needed_by(expiry);
+        }
     }
 }
 

@@ -138,6 +138,18 @@ impl Client {
         .expect("request finishes in time")
     }
 
+    pub async fn sender_ready(&mut self) {
+        let _ = self.sender.ready().await;
+    }
+
+    /// Sends and returns the transport error instead of panicking on it.
+    pub async fn try_send(
+        &mut self,
+        req: Request<Full<Bytes>>,
+    ) -> Result<StatusCode, hyper::Error> {
+        self.sender.send_request(req).await.map(|r| r.status())
+    }
+
     pub async fn get(&mut self, path: &str) -> Response<Bytes> {
         self.send(
             Request::get(path)
