@@ -386,6 +386,13 @@ mod tests {
             "kaguard_downstream_connections_active 0",
             "kaguard_downstream_connections_total 0",
             "kaguard_access_log_dropped_total 0",
+            r#"kaguard_upstream_checkout_dropped_total{upstream="app",server="127.0.0.1:8000",cause="fin"} 0"#,
+            r#"kaguard_upstream_checkout_dropped_total{upstream="app",server="127.0.0.1:8000",cause="rst"} 0"#,
+            r#"kaguard_upstream_closed_idle_age_seconds_count{upstream="app",server="127.0.0.1:8000"} 0"#,
+            r#"kaguard_upstream_learned_idle_budget_seconds{upstream="app",server="127.0.0.1:8000"} 0"#,
+            r#"kaguard_upstream_learned_request_cap{upstream="app",server="127.0.0.1:8000"} 0"#,
+            r#"kaguard_upstream_retries_total{upstream="app",cause="reused_connection",outcome="answered"} 0"#,
+            r#"kaguard_upstream_retry_budget_exhausted_total{upstream="app"} 0"#,
         ] {
             assert!(text.contains(line), "missing {line} in\n{text}");
         }

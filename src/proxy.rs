@@ -4,27 +4,26 @@
 //! connection carry another request) and in the failure types of [`crate::error`].
 
 pub mod body;
+mod exchange;
 pub mod group;
 pub mod headers;
 
 use std::net::SocketAddr;
-use std::pin::pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use http::header::{self, HeaderMap, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 
 use crate::access_log::{self, AccessLog, Entry};
-use crate::config::{Config, RetryPolicy};
-use crate::error::Failure;
+use crate::config::Config;
 use crate::metrics::{Metrics, RetryOutcome};
-use crate::pool::{Risk, learn};
-use crate::retry::{self, Cause, Decision, Facts, Outcome};
+use crate::pool::learn;
+use crate::retry::{Cause, Decision};
 use crate::route::Router;
-use crate::upstream::{self, UpstreamConn};
 use body::{End, OnEnd, RequestBody, ResponseBody};
+use exchange::Head;
 use group::{Group, Lease};
 
 /// What the downstream side knows about the client and this request's place on its connection.
@@ -155,17 +154,16 @@ impl Proxy {
         };
 
         let mut retries = Vec::new();
-        match self
-            .exchange(
-                &group,
-                target.retry,
-                head,
-                body,
-                client,
-                &mut entry,
-                &mut retries,
-            )
-            .await
+        match exchange::exchange(
+            &group,
+            target.retry,
+            head,
+            body,
+            client,
+            &mut entry,
+            &mut retries,
+        )
+        .await
         {
             Ok((resp, lease, sent_at)) => {
                 Ok(self.respond(resp, lease, &group, entry, start, sent_at, retries))
@@ -188,154 +186,6 @@ impl Proxy {
                     return Err(Abort);
                 }
                 Ok(self.local(failure.status(), Some(group), entry, start, retries))
-            }
-        }
-    }
-
-    /// Sends the request upstream, on a pooled connection or a new one, and sends it again
-    /// when [`retry::decide`] says so. Every failed attempt leaves its flag in the log entry.
-    #[allow(clippy::too_many_arguments)]
-    async fn exchange(
-        &self,
-        group: &Arc<Group>,
-        policy: &RetryPolicy,
-        head: Head,
-        body: RequestBody,
-        client: Client,
-        entry: &mut Entry,
-        retries: &mut Vec<Cause>,
-    ) -> Result<(Response<Incoming>, Lease, Instant), (Failure, Decision)> {
-        let replay = body.replay();
-        let idempotent = retry::is_idempotent(&head.method, &head.headers);
-        let mut facts = Facts {
-            idempotent,
-            replayable: replay.is_some(),
-            returned: false,
-            attempts: 1,
-            free_retry_used: false,
-            safe_retry: group.guards.safe_retry,
-            client_requests: client.requests,
-        };
-        // A request kaguard may send again can take any pooled connection; one it may not
-        // takes only those the pool judges safe (risk-aware checkout).
-        let risk = if facts.safe_retry && idempotent && facts.replayable {
-            Risk::Retryable
-        } else {
-            Risk::MustNotRetry
-        };
-        let mut in_flight = group.begin_request();
-        let mut body = Some(body);
-        let mut server = group.pick();
-        let mut fresh_only = false;
-        loop {
-            entry.attempts += 1;
-            let attempt_start = Instant::now();
-            let req = head.request(
-                body.take()
-                    .or_else(|| replay.as_ref().and_then(RequestBody::replay)),
-            );
-            let pooled = if fresh_only {
-                None
-            } else {
-                group.checkout(server, attempt_start, risk)
-            };
-            let (failure, lease) = match pooled {
-                Some(lease) => (None, Some(lease)),
-                None => {
-                    entry.upstream_addr = Some(group.server_addr(server).to_string());
-                    match group.connect(server).await {
-                        Ok(lease) => {
-                            entry.upstream_connect_time =
-                                Some(access_log::seconds(attempt_start.elapsed()));
-                            (None, Some(lease))
-                        }
-                        Err(failure) => (Some(failure), None),
-                    }
-                }
-            };
-            let (failure, returned) = match (failure, lease) {
-                (Some(failure), _) => (failure, Some(req)),
-                (None, Some(mut lease)) => {
-                    entry.upstream_addr = Some(lease.conn().addr.to_string());
-                    entry.upstream_connection_reused = Some(lease.reused);
-                    entry.upstream_connection_idle_ms = Some(lease.idle_for.as_millis() as u64);
-                    entry.upstream_connection_requests = Some(lease.meta.requests + 1);
-                    lease.meta.requests += 1;
-                    let reused = lease.reused;
-                    let outcome = send(
-                        lease.conn_mut(),
-                        req,
-                        group.read_timeout,
-                        policy.per_try_timeout,
-                        reused,
-                    )
-                    .await;
-                    match outcome {
-                        Ok(resp) => {
-                            let status = resp.status().as_u16();
-                            match retry::decide(
-                                Outcome::Status(status),
-                                &facts,
-                                policy,
-                                group.on_unretryable,
-                            ) {
-                                Decision::Retry(cause) if in_flight.try_retry() => {
-                                    retries.push(cause);
-                                    facts.attempts += 1;
-                                    backoff(policy, facts.attempts).await;
-                                    server = group.pick();
-                                    continue;
-                                }
-                                _ => return Ok((resp, lease, attempt_start)),
-                            }
-                        }
-                        Err((failure, returned)) => {
-                            // Nothing is learned from a failure after the request went out: an
-                            // upstream that crashed on it looks the same as one that closed
-                            // the idle connection, and learning a tiny budget from a crash
-                            // would end reuse. Closes seen while idle teach instead.
-                            lease.fail();
-                            (failure, returned)
-                        }
-                    }
-                }
-                (None, None) => unreachable!("a lease or a failure"),
-            };
-            entry.flag(failure.flag());
-            facts.returned = returned.is_some();
-            if let Some(req) = returned {
-                body = Some(req.into_body());
-            }
-            let decision = retry::decide(
-                Outcome::Failed(&failure),
-                &facts,
-                policy,
-                group.on_unretryable,
-            );
-            let Decision::Retry(cause) = decision else {
-                if facts.attempts > 1 && facts.attempts >= policy.attempts {
-                    entry.flag("URX");
-                }
-                return Err((failure, decision));
-            };
-            if !cause.is_free() && !in_flight.try_retry() {
-                entry.flag("URX");
-                return Err((failure, Decision::Give));
-            }
-            tracing::info!(
-                upstream = %group.server_addr(server),
-                request = %entry.request,
-                cause = cause.as_str(),
-                "{failure}; sending the request again on a new connection"
-            );
-            retries.push(cause);
-            fresh_only = true;
-            if cause.is_free() {
-                facts.free_retry_used = true;
-            } else {
-                facts.attempts += 1;
-                backoff(policy, facts.attempts).await;
-                server = group.pick();
             }
         }
     }
@@ -416,85 +266,6 @@ impl Proxy {
 #[derive(Debug, thiserror::Error)]
 #[error("closing the client connection without a response so the client may retry")]
 pub struct Abort;
-
-/// The parts of a request needed to send it again.
-struct Head {
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-}
-
-impl Head {
-    fn request(&self, body: Option<RequestBody>) -> Request<RequestBody> {
-        let mut req = Request::new(body.unwrap_or_else(RequestBody::empty));
-        *req.method_mut() = self.method.clone();
-        *req.uri_mut() = self.uri.clone();
-        *req.version_mut() = Version::HTTP_11;
-        *req.headers_mut() = self.headers.clone();
-        req
-    }
-}
-
-/// Waits before a policy retry: full jitter below `base * 2^(n-1)`, capped at `max`, so
-/// clients that failed together do not come back together.
-async fn backoff(policy: &RetryPolicy, attempt: u32) {
-    let doubled = policy
-        .backoff_base
-        .saturating_mul(1u32 << attempt.saturating_sub(2).min(16));
-    let ceiling = doubled.min(policy.backoff_max);
-    let wait = ceiling.mul_f64(fastrand::f64());
-    tokio::time::sleep(wait).await;
-}
-
-type Returned = Option<Request<RequestBody>>;
-
-/// Sends `req` on `conn`, failing if no byte moves for `read_timeout` or the whole attempt
-/// takes longer than `per_try`.
-async fn send(
-    conn: &mut UpstreamConn,
-    req: Request<RequestBody>,
-    read_timeout: Duration,
-    per_try: Option<Duration>,
-    reused: bool,
-) -> Result<Response<Incoming>, (Failure, Returned)> {
-    let sent_at = Instant::now();
-    let ready = tokio::time::timeout(read_timeout, conn.ready()).await;
-    if !matches!(ready, Ok(Ok(()))) {
-        return Err((Failure::NotSent { reused }, Some(req)));
-    }
-    let mark = conn.mark();
-    let try_deadline = per_try.map(|t| sent_at + t);
-    let mut fut = pin!(conn.send(req));
-    loop {
-        let idle_deadline = conn.last_progress().max(sent_at) + read_timeout;
-        let deadline = try_deadline.map_or(idle_deadline, |t| t.min(idle_deadline));
-        tokio::select! {
-            res = &mut fut => {
-                return match res {
-                    Ok(resp) => Ok(resp),
-                    Err(mut err) => {
-                        let returned = err.take_message();
-                        let failure = if returned.is_some() {
-                            Failure::NotSent { reused }
-                        } else {
-                            upstream::classify(err.error(), conn, mark, reused)
-                        };
-                        Err((failure, returned))
-                    }
-                };
-            }
-            _ = tokio::time::sleep_until(deadline.into()) => {
-                let now = Instant::now();
-                if let Some(t) = try_deadline.filter(|t| *t <= now) {
-                    return Err((Failure::ReadTimeout(t - sent_at), None));
-                }
-                if conn.last_progress().max(sent_at) + read_timeout <= now {
-                    return Err((Failure::ReadTimeout(read_timeout), None));
-                }
-            }
-        }
-    }
-}
 
 /// Ends one request: returns the upstream connection or closes it, counts, logs.
 struct Finish {
