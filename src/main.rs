@@ -5,16 +5,22 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use kaguard::config::{AccessLog, Config};
+use kaguard::tools::audit::AuditArgs;
+use kaguard::tools::demo::DemoArgs;
+use kaguard::tools::probe::ProbeArgs;
 use kaguard::tools::race::RaceArgs;
 use kaguard::tools::upstream::UpstreamArgs;
 
 const EXAMPLES: &str = "\
 Examples:
+  kaguard demo                      # the race, and kaguard's answer, in about 30 s
   kaguard run --listen 127.0.0.1:8080 --upstream 127.0.0.1:3000
   kaguard run --config examples/kaguard.toml
   kaguard check --config examples/kaguard.toml
   kaguard upstream --listen 127.0.0.1:3000 --preset node
-  kaguard race --target http://127.0.0.1:8080/ --timeout 500ms --method post";
+  kaguard race --target http://127.0.0.1:8080/ --timeout 500ms --method post
+  kaguard probe http://127.0.0.1:3000/
+  kaguard audit alb nginx node";
 
 /// A reverse proxy that does not lose the keep-alive race to its upstreams.
 #[derive(Parser, Debug)]
@@ -26,6 +32,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Show the keep-alive race through a plain pool and through kaguard, side by side.
+    Demo(DemoArgs),
     /// Run the proxy, from a config file or from flags alone.
     #[command(
         after_help = "Examples:\n  kaguard run --listen 127.0.0.1:8080 --upstream 127.0.0.1:3000,127.0.0.1:3001\n  kaguard run --config /etc/kaguard.toml --workers 2"
@@ -40,6 +48,10 @@ enum Command {
     Upstream(UpstreamArgs),
     /// Provoke the keep-alive race through any proxy and count what the client sees.
     Race(RaceArgs),
+    /// Measure a server's keep-alive idle timeout, request cap and Keep-Alive hint from outside.
+    Probe(ProbeArgs),
+    /// Check a chain of proxies and servers for the idle-timeout inversion behind the race.
+    Audit(AuditArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -71,10 +83,13 @@ struct RunArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+    // The demo runs proxies in-process to show their clients' view; their logs would bury it.
+    if !matches!(cli.command, Command::Demo(_)) {
+        tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_target(false)
+            .init();
+    }
     match cli.command {
         Command::Check { config } => match Config::from_file(&config) {
             Ok(config) => {
@@ -92,6 +107,28 @@ fn main() -> ExitCode {
         Command::Race(args) => {
             match runtime(0).map(|rt| rt.block_on(kaguard::tools::race::run(args))) {
                 Ok(Ok(_report)) => ExitCode::SUCCESS,
+                Ok(Err(err)) => fail(err),
+                Err(err) => fail(err),
+            }
+        }
+        Command::Demo(args) => {
+            match runtime(0).map(|rt| rt.block_on(kaguard::tools::demo::run(args))) {
+                Ok(Ok(_report)) => ExitCode::SUCCESS,
+                Ok(Err(err)) => fail(err),
+                Err(err) => fail(err),
+            }
+        }
+        Command::Probe(args) => {
+            match runtime(0).map(|rt| rt.block_on(kaguard::tools::probe::run(args))) {
+                Ok(Ok(_report)) => ExitCode::SUCCESS,
+                Ok(Err(err)) => fail(err),
+                Err(err) => fail(err),
+            }
+        }
+        // 0: no inversion, 1: an inversion was flagged, 2: bad input or a failed probe.
+        Command::Audit(args) => {
+            match runtime(0).map(|rt| rt.block_on(kaguard::tools::audit::run(args))) {
+                Ok(Ok(report)) => ExitCode::from(report.exit_code()),
                 Ok(Err(err)) => fail(err),
                 Err(err) => fail(err),
             }

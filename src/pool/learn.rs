@@ -22,6 +22,11 @@ pub const LEARN_TTL: Duration = Duration::from_secs(600);
 /// timeout (timers on a loaded server fire late), and never less than [`MIN_IDLE_MARGIN`].
 const IDLE_MARGIN_DIVISOR: u32 = 5;
 
+/// A shorter close is reported as a change only when it is this much shorter (in percent)
+/// than the one known: closes seen together differ by a millisecond or two, and each would
+/// otherwise log its own line.
+const REPORT_STEP_PERCENT: u32 = 5;
+
 /// The least margin below an idle timeout: a FIN in flight on a busy host plus scheduling
 /// delay on both ends.
 pub const MIN_IDLE_MARGIN: Duration = Duration::from_millis(20);
@@ -75,6 +80,13 @@ impl Learner {
                 // Consistent with what we know (closes are seen a little late): still true.
                 self.idle_close = Some(Seen {
                     value: seen.value,
+                    at: now,
+                });
+                None
+            }
+            Some(seen) if idle_for * 100 >= seen.value * (100 - REPORT_STEP_PERCENT) => {
+                self.idle_close = Some(Seen {
+                    value: idle_for,
                     at: now,
                 });
                 None
@@ -163,6 +175,9 @@ mod tests {
         assert_eq!(l.idle_budget(t0), Some(400 * MS));
         // A later, longer observation (seen late) changes nothing; a shorter one wins.
         assert_eq!(l.observe_close(530 * MS, 1, t0 + MS), None);
+        // Slightly shorter: taken, but not worth a log line.
+        assert_eq!(l.observe_close(499 * MS, 1, t0 + MS), None);
+        assert_eq!(l.idle_budget(t0 + MS), Some(idle_budget_below(499 * MS)));
         assert!(l.observe_close(300 * MS, 1, t0 + 2 * MS).is_some());
         assert_eq!(l.idle_budget(t0 + 2 * MS), Some(240 * MS));
     }

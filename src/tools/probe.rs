@@ -15,13 +15,15 @@
 //! Both measurements run at once. The probe sends only `GET` requests to the given path.
 //!
 //! Files: `wire` is the raw HTTP/1.1 client; `idle` runs the rounds; `advice` turns a report
-//! into hint verdicts and settings; `cli` is the subcommand.
+//! into hint verdicts and recommended settings; `text` writes the human report; `cli` is the
+//! subcommand.
 
 mod advice;
 mod cli;
 mod idle;
 #[cfg(test)]
 mod tests;
+mod text;
 mod wire;
 
 use std::io;
@@ -35,7 +37,10 @@ use tokio::time::Instant;
 use wire::{Conn, Failure, Response, Target};
 
 pub use advice::{HintCheck, proxy_idle_below, server_idle_above};
+pub(crate) use advice::{config_duration, envoy_duration, secs};
 pub use cli::{PROBE_EXAMPLES, ProbeArgs, run};
+pub(crate) use cli::{parse_url, spinner};
+pub(crate) use text::entry;
 
 /// Most idle connections per round: each holds a socket on the server for up to the idle
 /// timeout, and more than this only loads the server without narrowing the interval faster.
@@ -172,7 +177,7 @@ impl ProbeReport {
 
     /// The human report, then the settings for what sits in front of the server.
     pub fn summary(&self) -> String {
-        advice::summary(self)
+        text::summary(self)
     }
 }
 

@@ -150,14 +150,9 @@ mod tests {
 
     #[test]
     fn flags_fill_the_options() {
-        let cli = Cli::try_parse_from([
-            "probe",
-            "127.0.0.1:3000/x",
-            "--max-idle",
-            "15m",
-            "--no-cap",
-        ])
-        .expect("valid flags");
+        let cli =
+            Cli::try_parse_from(["probe", "127.0.0.1:3000/x", "--max-idle", "15m", "--no-cap"])
+                .expect("valid flags");
         let opts = cli.args.options();
         assert_eq!(cli.args.url.to_string(), "http://127.0.0.1:3000/x");
         assert_eq!(opts.max_idle, Duration::from_secs(900));

@@ -61,10 +61,14 @@ enum Sample {
         kind: Option<CloseKind>,
     },
     /// Still open after `wait`, and a second request on it succeeded.
-    Survived { wait: Duration },
+    Survived {
+        wait: Duration,
+    },
     /// Still open after `wait`, but the second request met a close: the server closed it at
     /// about `wait`, at the very moment it was reused.
-    Raced { wait: Duration, kind: CloseKind },
+    Raced {
+        wait: Duration,
+    },
     /// The first response already said the connection would close.
     NoKeepAlive,
     Failed(String),
@@ -105,6 +109,9 @@ pub(super) async fn measure(
     let mut result = IdleResult::default();
     let mut lo = Duration::ZERO;
     let mut hi: Option<Duration> = None;
+    // The earliest close seen while idle: a raced second request meets the server's close
+    // too, but then the RST is the kernel's answer to our request, not how the server closed.
+    let mut earliest_close: Option<Duration> = None;
     let mut kinds_seen = (false, false);
     let mut no_keep_alive = 0u64;
     for round in 0..MAX_ROUNDS {
@@ -142,25 +149,22 @@ pub(super) async fn measure(
             };
             match sample {
                 Sample::Closed { after, kind } => {
-                    if hi.is_none_or(|hi| after < hi) {
-                        hi = Some(after);
-                        result.close = kind.or(result.close);
+                    hi = Some(hi.map_or(after, |hi| hi.min(after)));
+                    if kind.is_some() && earliest_close.is_none_or(|e| after < e) {
+                        earliest_close = Some(after);
+                        result.close = kind;
                     }
                     note_kind(&mut kinds_seen, kind);
                 }
                 Sample::Survived { wait } => lo = lo.max(wait),
-                Sample::Raced { wait, kind } => {
-                    if hi.is_none_or(|hi| wait < hi) {
-                        hi = Some(wait);
-                        result.close = Some(kind);
-                    }
-                    note_kind(&mut kinds_seen, Some(kind));
-                }
+                Sample::Raced { wait } => hi = Some(hi.map_or(wait, |hi| hi.min(wait))),
                 Sample::NoKeepAlive => no_keep_alive += 1,
                 Sample::Failed(reason) => {
                     failed += 1;
                     if result.notes.len() < 5 {
-                        result.notes.push(format!("idle probe connection failed: {reason}"));
+                        result
+                            .notes
+                            .push(format!("idle probe connection failed: {reason}"));
                     }
                 }
             }
@@ -231,7 +235,7 @@ async fn sample(target: Arc<Target>, wait: Duration, opts: ProbeOptions) -> Samp
         },
         Idle::Open => match conn.exchange(&target, opts.request_timeout).await {
             Ok(_) => Sample::Survived { wait },
-            Err(Failure::Closed(kind)) => Sample::Raced { wait, kind },
+            Err(Failure::Closed(_)) => Sample::Raced { wait },
             Err(failure) => Sample::Failed(format!("second request: {}", describe(&failure))),
         },
     }
