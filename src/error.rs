@@ -47,6 +47,9 @@ pub enum Failure {
     /// Some or all of the request was written, and no byte of a response arrived.
     #[error("{}", no_response_text(*.transport))]
     NoResponse { reused: bool, transport: Transport },
+    /// The upstream stopped taking the request body for longer than `send_timeout`.
+    #[error("upstream timed out (110: Connection timed out) while sending request to upstream")]
+    SendTimeout(Duration),
     /// The upstream went quiet for longer than `read_timeout` before the response head.
     #[error(
         "upstream timed out (110: Connection timed out) while reading response header from upstream"
@@ -90,7 +93,9 @@ impl Failure {
     /// The status a client gets when this failure is final.
     pub fn status(&self) -> StatusCode {
         match self {
-            Failure::ConnectTimeout(_) | Failure::ReadTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Failure::ConnectTimeout(_) | Failure::SendTimeout(_) | Failure::ReadTimeout(_) => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
             Failure::RequestBody(err) => err.status(),
             _ => StatusCode::BAD_GATEWAY,
         }
@@ -101,7 +106,7 @@ impl Failure {
         match self {
             Failure::Connect(_) | Failure::ConnectTimeout(_) => "UF",
             Failure::NotSent { .. } | Failure::NoResponse { .. } | Failure::InvalidResponse => "UC",
-            Failure::ReadTimeout(_) => "UT",
+            Failure::SendTimeout(_) | Failure::ReadTimeout(_) => "UT",
             Failure::RequestBody(_) => "DC",
         }
     }
@@ -127,6 +132,7 @@ impl Failure {
                 ..
             } => "upstream_reset_before_response_started{protocol_error}",
             Failure::ReadTimeout(_) => "upstream_response_timeout",
+            Failure::SendTimeout(_) => "upstream_request_send_timeout",
             Failure::InvalidResponse => "upstream_reset_before_response_started{protocol_error}",
             Failure::RequestBody(_) => "downstream_remote_disconnect",
         }

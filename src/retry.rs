@@ -148,7 +148,9 @@ pub fn decide(
         Failure::NoResponse { .. } if policy_allows(policy.retry_on.reset, true) => {
             return Decision::Retry(Cause::Reset);
         }
-        Failure::ReadTimeout(_) if policy_allows(policy.retry_on.timeout, true) => {
+        Failure::ReadTimeout(_) | Failure::SendTimeout(_)
+            if policy_allows(policy.retry_on.timeout, true) =>
+        {
             return Decision::Retry(Cause::Timeout);
         }
         _ => {}

@@ -194,3 +194,49 @@ async fn request_without_a_route_is_404_nr() {
     assert_eq!(client.send(req).await.status(), 200);
     assert_eq!(up.requests(), 1);
 }
+
+#[tokio::test]
+async fn upstream_not_taking_the_body_is_504_after_send_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // An upstream that accepts and then reads nothing.
+    let deaf = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = deaf.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut held = vec![];
+        while let Ok((stream, _)) = deaf.accept().await {
+            held.push(stream);
+        }
+    });
+    let mut cfg = config(&[addr]);
+    cfg.upstreams[0].send_timeout = Duration::from_millis(300);
+    cfg.upstreams[0].read_timeout = Duration::from_secs(60);
+    cfg.retry.retry_on = Default::default();
+    let kg = start(cfg).await;
+    let size = 64 * 1024 * 1024;
+    let stream = tokio::net::TcpStream::connect(kg.addr).await.unwrap();
+    let (mut rd, mut wr) = stream.into_split();
+    let writer = tokio::spawn(async move {
+        let head = format!("POST / HTTP/1.1\r\nHost: t\r\nContent-Length: {size}\r\n\r\n");
+        wr.write_all(head.as_bytes()).await.unwrap();
+        let chunk = vec![b'x'; 64 * 1024];
+        for _ in 0..size / chunk.len() {
+            if wr.write_all(&chunk).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut buf = vec![0u8; 256];
+    let n = tokio::time::timeout(PATIENCE, rd.read(&mut buf))
+        .await
+        .expect("an answer in time")
+        .unwrap();
+    let out = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert_eq!(status_of(&out), Some(504), "{out}");
+    let (_, flags, details) = flags_of_last(&kg).await;
+    assert_eq!(
+        (flags.as_str(), details.as_str()),
+        ("UT", "upstream_request_send_timeout")
+    );
+    writer.abort();
+    held.abort();
+}

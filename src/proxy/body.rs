@@ -8,6 +8,9 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, StatusCode};
 use http_body_util::BodyExt;
@@ -88,6 +91,9 @@ pub struct RequestBody {
     limit: u64,
     received: u64,
     gap: Gap,
+    /// Set once a streamed body has been read to its end; `None` when the whole body is held
+    /// (it goes out with the head), so only streamed bodies pay for the flag.
+    finished: Option<Arc<AtomicBool>>,
 }
 
 impl RequestBody {
@@ -99,6 +105,7 @@ impl RequestBody {
             limit: 0,
             received: 0,
             gap: Gap::new(Duration::MAX),
+            finished: None,
         }
     }
 
@@ -149,6 +156,7 @@ impl RequestBody {
         let received = buf.len() as u64;
         let prefix = (!buf.is_empty()).then(|| buf.freeze());
         let rest = (!ended && !incoming.is_end_stream()).then_some(incoming);
+        let finished = rest.is_some().then(|| Arc::new(AtomicBool::new(false)));
         Ok(RequestBody {
             prefix,
             rest,
@@ -156,7 +164,13 @@ impl RequestBody {
             limit,
             received,
             gap: Gap::new(timeout),
+            finished,
         })
+    }
+
+    /// For a streamed body, whether it has been sent to its end; `None` for a held body.
+    pub fn finished(&self) -> Option<Arc<AtomicBool>> {
+        self.finished.clone()
     }
 
     /// A copy that replays the body from the start, when all of it is held in memory.
@@ -171,6 +185,7 @@ impl RequestBody {
             limit: self.limit,
             received: self.received,
             gap: Gap::new(self.gap.timeout),
+            finished: None,
         })
     }
 }
@@ -200,6 +215,9 @@ impl Body for RequestBody {
             }
             Poll::Ready(None) => {
                 this.rest = None;
+                if let Some(finished) = &this.finished {
+                    finished.store(true, Ordering::Release);
+                }
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Err(err))) => {

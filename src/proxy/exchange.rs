@@ -3,6 +3,7 @@
 
 use std::pin::pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use http::{HeaderMap, Method, Request, Response, Uri, Version};
@@ -87,14 +88,12 @@ pub(super) async fn exchange(
                 entry.upstream_connection_requests = Some(lease.meta.requests + 1);
                 lease.meta.requests += 1;
                 let reused = lease.reused;
-                let outcome = send(
-                    lease.conn_mut(),
-                    req,
-                    group.read_timeout,
-                    policy.per_try_timeout,
-                    reused,
-                )
-                .await;
+                let timeouts = Timeouts {
+                    read: group.read_timeout,
+                    send: group.send_timeout,
+                    per_try: policy.per_try_timeout,
+                };
+                let outcome = send(lease.conn_mut(), req, timeouts, reused).await;
                 match outcome {
                     Ok(resp) => {
                         let status = resp.status().as_u16();
@@ -196,25 +195,37 @@ async fn backoff(policy: &RetryPolicy, attempt: u32) {
 
 type Returned = Option<Request<RequestBody>>;
 
-/// Sends `req` on `conn`, failing if no byte moves for `read_timeout` or the whole attempt
-/// takes longer than `per_try`.
+/// Sends `req` on `conn`. While a streamed request body is still going out, the upstream must
+/// take some of it every `send_timeout` (nginx's `proxy_send_timeout`); after that it must send
+/// something every `read_timeout`; the whole attempt ends at `per_try` if set.
 async fn send(
     conn: &mut UpstreamConn,
     req: Request<RequestBody>,
-    read_timeout: Duration,
-    per_try: Option<Duration>,
+    timeouts: Timeouts,
     reused: bool,
 ) -> Result<Response<Incoming>, (Failure, Returned)> {
+    let Timeouts {
+        read,
+        send: send_timeout,
+        per_try,
+    } = timeouts;
     let sent_at = Instant::now();
-    let ready = tokio::time::timeout(read_timeout, conn.ready()).await;
+    let ready = tokio::time::timeout(read, conn.ready()).await;
     if !matches!(ready, Ok(Ok(()))) {
         return Err((Failure::NotSent { reused }, Some(req)));
     }
     let mark = conn.mark();
+    let streaming = req.body().finished();
+    let sending = || {
+        streaming
+            .as_ref()
+            .is_some_and(|f| !f.load(Ordering::Acquire))
+    };
     let try_deadline = per_try.map(|t| sent_at + t);
     let mut fut = pin!(conn.send(req));
     loop {
-        let idle_deadline = conn.last_progress().max(sent_at) + read_timeout;
+        let quiet = if sending() { send_timeout } else { read };
+        let idle_deadline = conn.last_progress().max(sent_at) + quiet;
         let deadline = try_deadline.map_or(idle_deadline, |t| t.min(idle_deadline));
         tokio::select! {
             res = &mut fut => {
@@ -236,10 +247,21 @@ async fn send(
                 if let Some(t) = try_deadline.filter(|t| *t <= now) {
                     return Err((Failure::ReadTimeout(t - sent_at), None));
                 }
-                if conn.last_progress().max(sent_at) + read_timeout <= now {
-                    return Err((Failure::ReadTimeout(read_timeout), None));
+                let quiet = if sending() { send_timeout } else { read };
+                if conn.last_progress().max(sent_at) + quiet <= now {
+                    let failure =
+                        if sending() { Failure::SendTimeout(send_timeout) } else { Failure::ReadTimeout(read) };
+                    return Err((failure, None));
                 }
             }
         }
     }
+}
+
+/// The timeouts of one attempt.
+#[derive(Clone, Copy, Debug)]
+struct Timeouts {
+    read: Duration,
+    send: Duration,
+    per_try: Option<Duration>,
 }
