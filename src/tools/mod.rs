@@ -4,4 +4,5 @@ pub mod audit;
 pub mod demo;
 pub mod probe;
 pub mod race;
+pub mod target;
 pub mod upstream;

@@ -17,6 +17,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::{CloseKind, ProbeError};
+use crate::tools::target::{self, HttpTarget, TargetError};
 use head::{Framing, Head, MAX_HEADERS, parse_head};
 
 /// Sent on every request so that the server's access log shows where the traffic came from.
@@ -48,41 +49,20 @@ impl Target {
     /// Checks that `uri` is `http://host[:port][/path]` and resolves its host; the first
     /// address is used for every connection.
     pub(super) async fn resolve(uri: &http::Uri) -> Result<Target, ProbeError> {
-        let bad = |reason| ProbeError::Target {
-            target: uri.to_string(),
-            reason,
-        };
-        match uri.scheme_str() {
-            Some("http") => {}
-            Some(_) => return Err(bad("only http:// is supported (HTTP/1.1 over TCP)")),
-            None => return Err(bad("give a full URL, e.g. http://127.0.0.1:3000/")),
-        }
-        let authority = uri.authority().ok_or_else(|| bad("the URL has no host"))?;
-        if authority.host().is_empty() {
-            return Err(bad("the URL has no host"));
-        }
-        let path = uri.path_and_query().map_or("/", |p| p.as_str());
-        let path = if path.is_empty() { "/" } else { path };
-        // IPv6 literals keep their brackets in `host()`; the resolver wants them off.
-        let name = authority
-            .host()
-            .trim_start_matches('[')
-            .trim_end_matches(']');
-        let port = authority.port_u16().unwrap_or(80);
-        let cannot_connect = |source| ProbeError::Connect {
-            target: uri.to_string(),
-            source,
-        };
-        let addr = tokio::net::lookup_host((name, port))
-            .await
-            .map_err(cannot_connect)?
-            .next()
-            .ok_or_else(|| {
-                cannot_connect(io::Error::new(
-                    io::ErrorKind::NotFound,
-                    "the host name resolved to no address",
-                ))
-            })?;
+        let HttpTarget {
+            addr,
+            authority,
+            path,
+        } = target::resolve(uri).await.map_err(|err| match err {
+            TargetError::Bad(reason) => ProbeError::Target {
+                target: uri.to_string(),
+                reason,
+            },
+            TargetError::Resolve(source) => ProbeError::Connect {
+                target: uri.to_string(),
+                source,
+            },
+        })?;
         let request = format!(
             "GET {path} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: {USER_AGENT}\r\nAccept: */*\r\n\r\n"
         );

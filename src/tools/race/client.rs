@@ -16,6 +16,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::{RaceError, TransportErrorKinds};
+use crate::tools::target::{self, TargetError};
 
 /// Length of every POST body: small enough to fit in the packet with the request head, so the
 /// request leaves in one write, and fixed so that a test can check it arrived whole.
@@ -35,51 +36,31 @@ pub(super) struct Target {
 impl Target {
     /// Checks that `uri` is something the race can send to: `http://host[:port][/path]`.
     pub(super) fn check(uri: &Uri) -> Result<(), &'static str> {
-        match uri.scheme_str() {
-            Some("http") => {}
-            Some(_) => return Err("only http:// targets are supported (HTTP/1.1 over TCP)"),
-            None => return Err("give a full URL, e.g. http://127.0.0.1:8080/"),
-        }
-        match uri.host() {
-            Some(host) if !host.is_empty() => Ok(()),
-            _ => Err("the URL has no host"),
-        }
+        target::check(uri)
     }
 
     /// Checks `uri` and resolves its host; the first address is used for every connection.
     pub(super) async fn resolve(uri: &Uri) -> Result<Target, RaceError> {
-        let bad = |reason| RaceError::Target {
-            target: uri.to_string(),
-            reason,
-        };
-        Target::check(uri).map_err(bad)?;
-        let authority = uri.authority().ok_or_else(|| bad("the URL has no host"))?;
-        let host = HeaderValue::from_str(authority.as_str())
-            .map_err(|_| bad("the host is not a valid Host header"))?;
-        let path = uri
-            .path_and_query()
-            .map_or_else(|| Uri::from_static("/"), |p| Uri::from(p.clone()));
-        // IPv6 literals keep their brackets in `host()`; the resolver wants them off.
-        let name = authority
-            .host()
-            .trim_start_matches('[')
-            .trim_end_matches(']');
-        let port = authority.port_u16().unwrap_or(80);
-        let cannot_connect = |source| RaceError::Connect {
-            target: uri.to_string(),
-            source,
-        };
-        let addr = tokio::net::lookup_host((name, port))
-            .await
-            .map_err(cannot_connect)?
-            .next()
-            .ok_or_else(|| {
-                cannot_connect(io::Error::new(
-                    io::ErrorKind::NotFound,
-                    "the host name resolved to no address",
-                ))
+        let resolved = target::resolve(uri).await.map_err(|err| match err {
+            TargetError::Bad(reason) => RaceError::Target {
+                target: uri.to_string(),
+                reason,
+            },
+            TargetError::Resolve(source) => RaceError::Connect {
+                target: uri.to_string(),
+                source,
+            },
+        })?;
+        let host =
+            HeaderValue::from_str(resolved.authority.as_str()).map_err(|_| RaceError::Target {
+                target: uri.to_string(),
+                reason: "the host is not a valid Host header",
             })?;
-        Ok(Target { addr, host, path })
+        Ok(Target {
+            addr: resolved.addr,
+            host,
+            path: Uri::from(resolved.path),
+        })
     }
 
     fn request(&self, method: http::Method, serial: u64) -> Request<Full<Bytes>> {
