@@ -53,6 +53,8 @@ mkdir -p "$tmp/up/www" "$tmp/up/logs"
 printf 'OK' >"$tmp/up/www/small"
 head -c 16384 /dev/zero | tr '\0' 'x' >"$tmp/up/www/16k"
 head -c 1048576 /dev/zero | tr '\0' 'x' >"$tmp/up/www/1m"
+# mktemp makes the directory private; nginx's workers run as another user and must read it.
+chmod -R a+rX "$tmp"
 cat >"$tmp/up/nginx.conf" <<CONF
 worker_processes 1;
 pid $tmp/up/nginx.pid;
@@ -97,7 +99,7 @@ haproxy_conf() { # workers port
     cat <<CONF
 global
     nbthread $1
-    maxconn 20000
+    maxconn 8000
 defaults
     mode http
     timeout connect 5s

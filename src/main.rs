@@ -186,3 +186,8 @@ fn fail(err: impl std::fmt::Display) -> ExitCode {
     eprintln!("kaguard: {err}");
     ExitCode::from(2)
 }
+
+/// The request path allocates small, short-lived buffers on every request; mimalloc serves
+/// those from thread-local free lists faster than glibc's malloc (measured in bench/).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
