@@ -10,8 +10,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 mod error;
+mod health;
 mod raw;
 mod retry;
+mod servers;
 mod units;
 mod validate;
 
@@ -66,6 +68,16 @@ pub struct UpstreamGroupConfig {
     pub name: String,
     /// At least one.
     pub servers: Vec<ServerConfig>,
+    /// How a try picks one of `servers`.
+    pub balance: Balance,
+    /// The default of each server's `max_fails`: failures within `fail_timeout` that take a
+    /// server out; 0 means a server is never taken out for failing.
+    pub max_fails: u32,
+    /// The default of each server's `fail_timeout`: the window that counts failures, and how
+    /// long a server stays out; never zero.
+    pub fail_timeout: Duration,
+    /// Active checks; `None` means servers are judged by live traffic alone.
+    pub health_check: Option<HealthCheckConfig>,
     /// Idle connections kept for the group; 0 means no reuse at all.
     pub keepalive: usize,
     /// How long a pooled connection may sit idle before we close it.
@@ -190,13 +202,66 @@ pub struct RetryOn {
     pub timeout: bool,
 }
 
+/// How a try picks a server of its group; the file's names are nginx's and linkerd's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    /// `"round_robin"`: smooth weighted round robin, nginx's.
+    RoundRobin,
+    /// `"least_conn"`: fewest requests in flight relative to weight; ties go round robin.
+    LeastConn,
+    /// `"p2c_load"`: of two servers drawn at random, the one with fewer requests in flight
+    /// relative to weight.
+    P2cLoad,
+    /// `"p2c_ewma"`: of two servers drawn at random, the one with the lower peak-EWMA latency
+    /// times (requests in flight + 1), linkerd's.
+    P2cEwma,
+}
+
+/// Active health checks of a group: a GET of `path` on every server each `interval`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheckConfig {
+    /// Between the starts of two checks of one server; longer than `timeout`.
+    pub interval: Duration,
+    /// Starts with '/'; no spaces, no fragment.
+    pub path: String,
+    /// Statuses that pass, inclusive; each 100..=599, the first not above the second.
+    pub expect_status: (u16, u16),
+    /// Consecutive passes that bring a server that is down back up; at least 1.
+    pub rises: u32,
+    /// Consecutive failures that take a server that is up down; at least 1.
+    pub falls: u32,
+    /// A check with no complete response head by then fails; shorter than `interval`, so
+    /// checks of one server never overlap.
+    pub timeout: Duration,
+}
+
 /// One upstream server.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerConfig {
-    /// As written, e.g. "app.internal:3000"; what logs and `to_toml` show.
+    /// The address as written, e.g. "app.internal:3000", without parameters; what logs show.
     pub name: String,
     /// Resolved once at load; the first address the resolver returned.
     pub addr: SocketAddr,
+    /// Share of the group's requests relative to the other servers; 1..=1000.
+    pub weight: u32,
+    /// Failures within `fail_timeout` that take this server out; 0 means never.
+    pub max_fails: u32,
+    /// The window that counts failures, and how long the server then stays out; never zero.
+    pub fail_timeout: Duration,
+}
+
+impl ServerConfig {
+    /// A server at the built-in defaults: weight 1, `max_fails` 1, `fail_timeout` 10 s. In a
+    /// group with its own `max_fails` or `fail_timeout`, set those too.
+    pub fn new(name: impl Into<String>, addr: SocketAddr) -> Self {
+        Self {
+            name: name.into(),
+            addr,
+            weight: DEFAULT_WEIGHT,
+            max_fails: DEFAULT_MAX_FAILS,
+            fail_timeout: DEFAULT_FAIL_TIMEOUT,
+        }
+    }
 }
 
 /// Sends requests for a host and path prefix to an upstream group.
@@ -225,6 +290,14 @@ const DEFAULT_WORKERS: usize = 0;
 /// Long enough for typical requests to finish; what Kubernetes gives a pod
 /// (`terminationGracePeriodSeconds`) before SIGKILL.
 const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// nginx's: every server an equal share.
+const DEFAULT_WEIGHT: u32 = 1;
+/// nginx's: one failed try takes a server out for `fail_timeout`, so the next requests go to
+/// the others at once instead of each paying for a dead server first.
+const DEFAULT_MAX_FAILS: u32 = 1;
+/// nginx's: short enough that a restarted server gets traffic back within seconds, long
+/// enough that a dead one costs one failed try per 10 s rather than one per request.
+const DEFAULT_FAIL_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Default for DownstreamConfig {
     fn default() -> Self {
@@ -255,6 +328,14 @@ impl UpstreamGroupConfig {
         Self {
             name: name.into(),
             servers,
+            // nginx's default: predictable, and even when the servers are alike, as most
+            // groups' are; the other modes are for servers or requests that differ.
+            balance: Balance::RoundRobin,
+            max_fails: DEFAULT_MAX_FAILS,
+            fail_timeout: DEFAULT_FAIL_TIMEOUT,
+            // Checks are requests the operator must allow for (a path that is cheap and
+            // needs no auth); until asked for, live traffic judges servers (`max_fails`).
+            health_check: None,
             // nginx's default.
             keepalive: 32,
             // Below Gunicorn's 2 s, the shortest keep-alive among common app servers (Node 5 s,
@@ -295,6 +376,30 @@ impl Default for RetryBudget {
             percent: 20,
             // Envoy's: with few requests in flight a share of them rounds to no retry at all.
             min_concurrency: 3,
+        }
+    }
+}
+
+impl Default for HealthCheckConfig {
+    /// What `[upstream.health_check]` starts from; an empty table turns checks on with these.
+    fn default() -> Self {
+        Self {
+            // NGINX Plus's `health_check interval=5`: a dead server is noticed within
+            // `falls` x 5 s when no traffic does it sooner, at one request per 5 s per server.
+            interval: Duration::from_secs(5),
+            // NGINX Plus's and HAProxy's: the one path every HTTP server answers.
+            path: "/".to_owned(),
+            // NGINX Plus's default `match`: 2xx and 3xx pass; a redirect to a login page still
+            // means the server is serving.
+            expect_status: (200, 399),
+            // HAProxy's `rise 2`: one lucky answer does not bring a flapping server back.
+            rises: 2,
+            // HAProxy's `fall 3`: one lost check (a GC pause, a dropped packet) does not take
+            // a serving server out.
+            falls: 3,
+            // A trivial GET that takes over a second means the server is in trouble; it must
+            // be below `interval` so checks never pile up.
+            timeout: Duration::from_secs(1),
         }
     }
 }
@@ -358,7 +463,13 @@ impl Config {
             listen: Some(raw::Listen(listen.to_vec())),
             upstream: vec![raw::RawUpstream {
                 name: Some("default".to_owned()),
-                servers: Some(upstreams.to_vec()),
+                servers: Some(
+                    upstreams
+                        .iter()
+                        .cloned()
+                        .map(raw::RawServer::Text)
+                        .collect(),
+                ),
                 ..Default::default()
             }],
             ..Default::default()
@@ -375,7 +486,23 @@ impl Config {
             None => "# admin is off: add `admin = \"127.0.0.1:9901\"` to turn it on.\n",
             Some(_) => "",
         };
-        format!("# Effective kaguard config: every default written out.\n{admin_off}\n{body}")
+        let unchecked: Vec<String> = self
+            .upstreams
+            .iter()
+            .filter(|g| g.health_check.is_none())
+            .map(|g| format!("{:?}", g.name))
+            .collect();
+        let checks_off = match unchecked.as_slice() {
+            [] => String::new(),
+            names => format!(
+                "# active health checks are off in upstream {}: add an [upstream.health_check] \
+                 table to turn them on.\n",
+                names.join(", ")
+            ),
+        };
+        format!(
+            "# Effective kaguard config: every default written out.\n{admin_off}{checks_off}\n{body}"
+        )
     }
 }
 

@@ -35,6 +35,9 @@ impl Transport {
 /// A failed attempt to get a response head from an upstream server.
 #[derive(Debug, thiserror::Error)]
 pub enum Failure {
+    /// Every server of the group is out (max_fails or health checks): nothing was sent.
+    #[error("no live upstreams while connecting to upstream")]
+    NoLiveUpstream,
     /// The TCP connect failed: nothing was sent.
     #[error("connect() failed ({}: {}) while connecting to upstream", errno(.0), os_text(.0))]
     Connect(io::Error),
@@ -105,6 +108,7 @@ impl Failure {
     pub fn flag(&self) -> &'static str {
         match self {
             Failure::Connect(_) | Failure::ConnectTimeout(_) => "UF",
+            Failure::NoLiveUpstream => "UH",
             Failure::NotSent { .. } | Failure::NoResponse { .. } | Failure::InvalidResponse => "UC",
             Failure::SendTimeout(_) | Failure::ReadTimeout(_) => "UT",
             Failure::RequestBody(_) => "DC",
@@ -115,6 +119,7 @@ impl Failure {
     pub fn details(&self) -> &'static str {
         match self {
             Failure::Connect(_) => "upstream_reset_before_response_started{connection_failure}",
+            Failure::NoLiveUpstream => "no_healthy_upstream",
             Failure::ConnectTimeout(_) => {
                 "upstream_reset_before_response_started{connection_timeout}"
             }
@@ -136,6 +141,32 @@ impl Failure {
             Failure::InvalidResponse => "upstream_reset_before_response_started{protocol_error}",
             Failure::RequestBody(_) => "downstream_remote_disconnect",
         }
+    }
+
+    /// Whether the failure is the server's own and counts toward `max_fails`. A race on a
+    /// reused connection is not (the server closed an idle connection, as it may), nor is a
+    /// request that never left kaguard, nor the client's body.
+    pub fn is_server_fault(&self) -> bool {
+        matches!(
+            self,
+            Failure::Connect(_)
+                | Failure::ConnectTimeout(_)
+                | Failure::SendTimeout(_)
+                | Failure::ReadTimeout(_)
+                | Failure::InvalidResponse
+                | Failure::NoResponse { reused: false, .. }
+        )
+    }
+
+    /// Whether the upstream application cannot have seen the request.
+    pub fn never_reached_upstream(&self) -> bool {
+        matches!(
+            self,
+            Failure::NoLiveUpstream
+                | Failure::Connect(_)
+                | Failure::ConnectTimeout(_)
+                | Failure::NotSent { .. }
+        )
     }
 
     /// Whether the failure happened on a connection taken from the pool.
@@ -181,6 +212,34 @@ mod tests {
         );
         assert_eq!(failure.flag(), "UC");
         assert!(failure.on_reused());
+    }
+
+    #[test]
+    fn races_and_unsent_requests_are_not_the_servers_fault() {
+        assert!(
+            !Failure::NoResponse {
+                reused: true,
+                transport: Transport::Reset
+            }
+            .is_server_fault()
+        );
+        assert!(!Failure::NotSent { reused: true }.is_server_fault());
+        assert!(
+            Failure::NoResponse {
+                reused: false,
+                transport: Transport::Reset
+            }
+            .is_server_fault()
+        );
+        assert!(Failure::Connect(io::Error::from_raw_os_error(111)).is_server_fault());
+        assert!(Failure::NotSent { reused: false }.never_reached_upstream());
+        assert!(
+            !Failure::NoResponse {
+                reused: false,
+                transport: Transport::Eof
+            }
+            .never_reached_upstream()
+        );
     }
 
     #[test]

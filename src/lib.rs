@@ -3,13 +3,17 @@
 //! Modules in request order:
 //! - [`config`]: the TOML file and the command line -> a validated, typed [`config::Config`].
 //! - [`route`]: host and path prefix -> upstream group.
+//! - [`balance`]: which server of the group takes a try (round robin, least_conn, p2c).
+//! - [`health`]: whether a server may take tries: nginx's max_fails, active checks.
 //! - [`tools`]: `kaguard upstream` and the other helper subcommands.
 
 pub mod access_log;
 pub mod admin;
+pub mod balance;
 pub mod config;
 pub mod downstream;
 pub mod error;
+pub mod health;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;

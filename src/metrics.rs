@@ -68,6 +68,10 @@ pub struct ServerMetrics {
     pub learned_idle_budget: Gauge<f64, AtomicU64>,
     /// The learned request cap; 0 when nothing is learned.
     pub learned_request_cap: Gauge,
+    /// 1 while the server may take requests, 0 while passive or active health has it out.
+    pub available: Gauge,
+    /// Failures counted toward `max_fails`.
+    pub failures: Counter,
 }
 
 impl ServerMetrics {
@@ -139,6 +143,8 @@ pub struct Metrics {
     closed_idle_age: Family<Labels, Histogram>,
     learned_idle: Family<Labels, Gauge<f64, AtomicU64>>,
     learned_cap: Family<Labels, Gauge>,
+    available: Family<Labels, Gauge>,
+    failures: Family<Labels, Counter>,
     retries: Family<Labels, Counter>,
     budget_exhausted: Family<Labels, Counter>,
     pub downstream_active: Gauge,
@@ -225,6 +231,18 @@ impl Metrics {
             "Requests per connection learned from upstream closes; 0 if none",
             learned_cap.clone(),
         );
+        let available = Family::<Labels, Gauge>::default();
+        registry.register(
+            "upstream_server_available",
+            "1 while the server may take requests, 0 while health checks or max_fails have it out",
+            available.clone(),
+        );
+        let failures = Family::<Labels, Counter>::default();
+        registry.register(
+            "upstream_server_failures",
+            "Failures counted toward max_fails",
+            failures.clone(),
+        );
         let retries = Family::<Labels, Counter>::default();
         registry.register(
             "upstream_retries",
@@ -268,6 +286,8 @@ impl Metrics {
             closed_idle_age,
             learned_idle,
             learned_cap,
+            available,
+            failures,
             retries,
             budget_exhausted,
             downstream_active,
@@ -321,6 +341,12 @@ impl Metrics {
                     closed_idle_age: self.closed_idle_age.get_or_create(&labels()).clone(),
                     learned_idle_budget: self.learned_idle.get_or_create(&labels()).clone(),
                     learned_request_cap: self.learned_cap.get_or_create(&labels()).clone(),
+                    available: {
+                        let gauge = self.available.get_or_create(&labels()).clone();
+                        gauge.set(1);
+                        gauge
+                    },
+                    failures: self.failures.get_or_create(&labels()).clone(),
                 }
             })
             .collect();
@@ -393,6 +419,8 @@ mod tests {
             r#"kaguard_upstream_learned_request_cap{upstream="app",server="127.0.0.1:8000"} 0"#,
             r#"kaguard_upstream_retries_total{upstream="app",cause="reused_connection",outcome="answered"} 0"#,
             r#"kaguard_upstream_retry_budget_exhausted_total{upstream="app"} 0"#,
+            r#"kaguard_upstream_server_available{upstream="app",server="127.0.0.1:8000"} 1"#,
+            r#"kaguard_upstream_server_failures_total{upstream="app",server="127.0.0.1:8000"} 0"#,
         ] {
             assert!(text.contains(line), "missing {line} in\n{text}");
         }

@@ -7,6 +7,7 @@ pub mod body;
 mod exchange;
 pub mod group;
 pub mod headers;
+mod servers;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

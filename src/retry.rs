@@ -51,16 +51,19 @@ pub enum Cause {
     Reset,
     Timeout,
     Status,
+    /// The request never reached a server (connect failed, or not sent) and goes to another.
+    NextUpstream,
 }
 
 impl Cause {
-    pub const ALL: [Cause; 6] = [
+    pub const ALL: [Cause; 7] = [
         Cause::NotSent,
         Cause::ReusedConnection,
         Cause::ConnectFailure,
         Cause::Reset,
         Cause::Timeout,
         Cause::Status,
+        Cause::NextUpstream,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -71,12 +74,16 @@ impl Cause {
             Cause::Reset => "reset",
             Cause::Timeout => "timeout",
             Cause::Status => "status",
+            Cause::NextUpstream => "next_upstream",
         }
     }
 
     /// Free retries belong to the race guard and do not count against `attempts`.
     pub fn is_free(self) -> bool {
-        matches!(self, Cause::NotSent | Cause::ReusedConnection)
+        matches!(
+            self,
+            Cause::NotSent | Cause::ReusedConnection | Cause::NextUpstream
+        )
     }
 }
 

@@ -105,6 +105,22 @@ pub enum Problem {
     NoRetriableStatusCodes,
     #[error("backoff_base {base:?} is longer than backoff_max {max:?}")]
     BackoffOrder { base: String, max: String },
+    #[error("unknown parameter {0:?} (expected weight, max_fails or fail_timeout)")]
+    UnknownServerParameter(String),
+    #[error("has no value (write it as name=value, e.g. weight=3)")]
+    NoValue,
+    #[error("given twice")]
+    GivenTwice,
+    #[error("invalid number {0:?}")]
+    InvalidNumber(String),
+    #[error(
+        "invalid status range {0:?} (write a status, e.g. \"200\", or a range, e.g. \"200-399\")"
+    )]
+    InvalidStatusRange(String),
+    #[error("invalid path {path:?}: {why}")]
+    InvalidPath { path: String, why: &'static str },
+    #[error("timeout {timeout:?} must be shorter than interval {interval:?}")]
+    TimeoutNotBelowInterval { timeout: String, interval: String },
 }
 
 impl ConfigError {
@@ -358,10 +374,10 @@ mod tests {
         for (text, expected) in [
             (
                 format!("{MINIMAL}bogus = 1\n"),
-                "line 6, column 1: unknown field `bogus`, expected one of `name`, `servers`, `keepalive`, \
-                 `keepalive_timeout`, `keepalive_requests`, `keepalive_time`, `connect_timeout`, \
-                 `read_timeout`, `send_timeout`, `replay_buffer`, `on_unretryable`, `guards`, \
-                 `retry_budget`",
+                "line 6, column 1: unknown field `bogus`, expected one of `name`, `servers`, `balance`, \
+                 `max_fails`, `fail_timeout`, `keepalive`, `keepalive_timeout`, `keepalive_requests`, \
+                 `keepalive_time`, `connect_timeout`, `read_timeout`, `send_timeout`, `replay_buffer`, \
+                 `on_unretryable`, `guards`, `retry_budget`, `health_check`",
             ),
             (
                 format!("{MINIMAL}[upstream.retry_budget]\nshare = 1\n"),

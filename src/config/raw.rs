@@ -10,7 +10,7 @@ use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 
 use super::units::{format_duration, format_size};
-use super::{AccessLog, Config, Guards, OnUnretryable, RetryPolicy};
+use super::{AccessLog, Config, Guards, OnUnretryable, RetryPolicy, servers};
 
 #[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -52,7 +52,10 @@ pub(crate) struct RawDownstream {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawUpstream {
     pub(crate) name: Option<String>,
-    pub(crate) servers: Option<Vec<String>>,
+    pub(crate) servers: Option<Vec<RawServer>>,
+    pub(crate) balance: Option<String>,
+    pub(crate) max_fails: Option<u32>,
+    pub(crate) fail_timeout: Option<String>,
     pub(crate) keepalive: Option<usize>,
     pub(crate) keepalive_timeout: Option<String>,
     pub(crate) keepalive_requests: Option<u64>,
@@ -64,6 +67,41 @@ pub(crate) struct RawUpstream {
     pub(crate) on_unretryable: Option<String>,
     pub(crate) guards: Option<RawGuards>,
     pub(crate) retry_budget: Option<RawRetryBudget>,
+    pub(crate) health_check: Option<RawHealthCheck>,
+}
+
+/// `[upstream.health_check]`.
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawHealthCheck {
+    pub(crate) interval: Option<String>,
+    pub(crate) path: Option<String>,
+    pub(crate) expect_status: Option<String>,
+    pub(crate) rises: Option<u32>,
+    pub(crate) falls: Option<u32>,
+    pub(crate) timeout: Option<String>,
+}
+
+/// One entry of `servers`: `"host:port"`, `"host:port weight=3 max_fails=2 fail_timeout=5s"`
+/// (nginx's `server` parameters), or `{ addr = "host:port", weight = 3, ... }`.
+#[derive(Debug)]
+pub(crate) enum RawServer {
+    Text(String),
+    Table(RawServerTable),
+}
+
+/// An inline-table server entry. `to_toml` never writes one: it writes every server as its
+/// string.
+#[derive(Debug, Default, Serialize)]
+pub(crate) struct RawServerTable {
+    pub(crate) addr: Option<String>,
+    pub(crate) weight: Option<u32>,
+    pub(crate) max_fails: Option<u32>,
+    pub(crate) fail_timeout: Option<String>,
+    /// Keys that name no parameter, in file order. Collected rather than refused while
+    /// parsing, so the error can name the group and the server, as for a string entry.
+    #[serde(skip)]
+    pub(crate) unknown: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -161,6 +199,47 @@ impl<'de> Deserialize<'de> for RawGuards {
             }
         }
         deserializer.deserialize_any(GuardsVisitor)
+    }
+}
+
+impl Serialize for RawServer {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            RawServer::Text(text) => serializer.serialize_str(text),
+            RawServer::Table(table) => table.serialize(serializer),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for RawServer {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ServerVisitor;
+        impl<'de> Visitor<'de> for ServerVisitor {
+            type Value = RawServer;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("\"host:port\", optionally with parameters, or a table with addr")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawServer, E> {
+                Ok(RawServer::Text(v.to_owned()))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawServer, A::Error> {
+                let mut table = RawServerTable::default();
+                while let Some(key) = map.next_key::<String>()? {
+                    match key.as_str() {
+                        "addr" => table.addr = Some(map.next_value()?),
+                        "weight" => table.weight = Some(map.next_value()?),
+                        "max_fails" => table.max_fails = Some(map.next_value()?),
+                        "fail_timeout" => table.fail_timeout = Some(map.next_value()?),
+                        _ => {
+                            map.next_value::<de::IgnoredAny>()?;
+                            table.unknown.push(key);
+                        }
+                    }
+                }
+                Ok(RawServer::Table(table))
+            }
+        }
+        deserializer.deserialize_any(ServerVisitor)
     }
 }
 
@@ -274,7 +353,15 @@ impl From<&Config> for RawConfig {
                 .iter()
                 .map(|g| RawUpstream {
                     name: Some(g.name.clone()),
-                    servers: Some(g.servers.iter().map(|s| s.name.clone()).collect()),
+                    servers: Some(
+                        g.servers
+                            .iter()
+                            .map(|s| RawServer::Text(servers::server_text(s, g)))
+                            .collect(),
+                    ),
+                    balance: Some(servers::balance_name(g.balance).to_owned()),
+                    max_fails: Some(g.max_fails),
+                    fail_timeout: duration(g.fail_timeout),
                     keepalive: Some(g.keepalive),
                     keepalive_timeout: duration(g.keepalive_timeout),
                     keepalive_requests: Some(g.keepalive_requests),
@@ -295,6 +382,7 @@ impl From<&Config> for RawConfig {
                         percent: Some(g.retry_budget.percent),
                         min_concurrency: Some(g.retry_budget.min_concurrency),
                     }),
+                    health_check: g.health_check.as_ref().map(RawHealthCheck::from),
                 })
                 .collect(),
             route: config

@@ -8,7 +8,7 @@ name = "app"
 servers = ["127.0.0.1:3000"]
 "#;
 
-fn load(text: &str) -> Config {
+pub(super) fn load(text: &str) -> Config {
     Config::from_toml_str(text).unwrap_or_else(|e| panic!("{e}\n---\n{text}"))
 }
 
@@ -71,12 +71,20 @@ fn minimal_file_gets_every_default() {
     let server = ServerConfig {
         name: "127.0.0.1:3000".to_owned(),
         addr: addr("127.0.0.1:3000"),
+        weight: 1,
+        max_fails: 1,
+        fail_timeout: Duration::from_secs(10),
     };
+    assert_eq!(server, ServerConfig::new("127.0.0.1:3000", server.addr));
     assert_eq!(
         config.upstreams,
         [UpstreamGroupConfig {
             name: "app".to_owned(),
             servers: vec![server],
+            balance: Balance::RoundRobin,
+            max_fails: 1,
+            fail_timeout: Duration::from_secs(10),
+            health_check: None,
             keepalive: 32,
             keepalive_timeout: Duration::from_secs(1),
             keepalive_requests: 1000,
@@ -260,6 +268,8 @@ fn to_toml_writes_every_key_of_a_minimal_file() {
         "keepalive_timeout = \"10m 20s\"",
         "max_header_size = \"32KiB\"",
         "max_body_size = 0",
+        "servers = [\"127.0.0.1:3000\"]\nbalance = \"round_robin\"\nmax_fails = 1\n\
+         fail_timeout = \"10s\"\n",
         "keepalive_timeout = \"1s\"",
         "connect_timeout = \"5s\"",
         "replay_buffer = \"64KiB\"",
@@ -271,6 +281,7 @@ fn to_toml_writes_every_key_of_a_minimal_file() {
          attempts = 2\nper_try_timeout = \"0s\"\nbackoff_base = \"25ms\"\n\
          backoff_max = \"250ms\"\nretry_non_idempotent = false\n",
         "# admin is off",
+        "# active health checks are off in upstream \"app\": add an [upstream.health_check] table",
     ] {
         assert!(printed.contains(line), "{line:?} missing from:\n{printed}");
     }

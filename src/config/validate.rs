@@ -2,17 +2,17 @@
 //! rejected with the key that holds them.
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use super::raw::{RawConfig, RawDownstream, RawRoute, RawUpstream, Size};
-use super::retry;
 use super::units::{parse_duration, parse_size};
 use super::{
     AccessLog, Config, ConfigError, DEFAULT_DRAIN_TIMEOUT, DEFAULT_WORKERS, DownstreamConfig,
-    Problem, RetryPolicy, RouteConfig, ServerConfig, UpstreamGroupConfig,
+    Problem, RetryPolicy, RouteConfig, UpstreamGroupConfig,
 };
+use super::{health, retry, servers};
 
 /// hyper's `max_buf_size` panics below 8192; rejecting it here names the key instead.
 const MIN_HEADER_SIZE: u64 = 8192;
@@ -197,16 +197,25 @@ fn upstream(index: usize, raw: RawUpstream) -> Result<UpstreamGroupConfig, Confi
         Some(name) => name,
     };
     let at = |key: &str| format!("upstream {name:?}: {key}");
-    let texts = raw.servers.unwrap_or_default();
-    if texts.is_empty() {
-        return Err(ConfigError::invalid(at("servers"), Problem::Empty));
-    }
-    let servers = texts
-        .into_iter()
-        .map(|text| resolve(&text).map_err(|problem| ConfigError::invalid(at("servers"), problem)))
-        .collect::<Result<Vec<_>, _>>()?;
     let d = UpstreamGroupConfig::with_defaults(name.clone(), Vec::new());
+    let max_fails = raw.max_fails.unwrap_or(d.max_fails);
+    let fail_timeout = duration(
+        &at("fail_timeout"),
+        raw.fail_timeout,
+        d.fail_timeout,
+        servers::FAIL_TIMEOUT_ZERO,
+    )?;
+    let servers = servers::servers(
+        &at("servers"),
+        raw.servers.unwrap_or_default(),
+        max_fails,
+        fail_timeout,
+    )?;
     Ok(UpstreamGroupConfig {
+        balance: servers::balance(&at("balance"), raw.balance, d.balance)?,
+        max_fails,
+        fail_timeout,
+        health_check: health::health_check(&at("health_check"), raw.health_check)?,
         keepalive: raw.keepalive.unwrap_or(d.keepalive),
         keepalive_timeout: duration(
             &at("keepalive_timeout"),
@@ -268,30 +277,6 @@ fn valid_name(name: &str) -> bool {
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-}
-
-/// Resolves "host:port" once; the first address wins, as for any client calling `connect`.
-fn resolve(text: &str) -> Result<ServerConfig, Problem> {
-    let name = text.trim().to_owned();
-    if let Ok(addr) = name.parse::<SocketAddr>() {
-        return Ok(ServerConfig { name, addr });
-    }
-    let has_port = name
-        .rsplit_once(':')
-        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
-    if !has_port {
-        return Err(Problem::MissingPort(name));
-    }
-    let cannot = |reason: String| Problem::CannotResolve {
-        name: name.clone(),
-        reason,
-    };
-    let addr = name
-        .to_socket_addrs()
-        .map_err(|e| cannot(e.to_string()))?
-        .next()
-        .ok_or_else(|| cannot("no addresses".to_owned()))?;
-    Ok(ServerConfig { name, addr })
 }
 
 /// `base_retry` is the file's `[retry]`, which each `[route.retry]` overrides key by key.

@@ -51,7 +51,11 @@ pub(super) async fn exchange(
     };
     let mut in_flight = group.begin_request();
     let mut body = Some(body);
-    let mut server = group.pick();
+    let Some(mut server) = group.pick(None, Instant::now()) else {
+        return Err((Failure::NoLiveUpstream, Decision::Give));
+    };
+    // Servers tried by next-upstream, so a request that reaches none ends.
+    let mut servers_tried = 1;
     let mut fresh_only = false;
     loop {
         entry.attempts += 1;
@@ -96,6 +100,7 @@ pub(super) async fn exchange(
                 let outcome = send(lease.conn_mut(), req, timeouts, reused).await;
                 match outcome {
                     Ok(resp) => {
+                        group.server_answered(server, attempt_start.elapsed(), Instant::now());
                         let status = resp.status().as_u16();
                         match retry::decide(
                             Outcome::Status(status),
@@ -107,7 +112,7 @@ pub(super) async fn exchange(
                                 retries.push(cause);
                                 facts.attempts += 1;
                                 backoff(policy, facts.attempts).await;
-                                server = group.pick();
+                                server = group.pick(Some(server), Instant::now()).unwrap_or(server);
                                 continue;
                             }
                             _ => return Ok((resp, lease, attempt_start)),
@@ -126,9 +131,34 @@ pub(super) async fn exchange(
             (None, None) => unreachable!("a lease or a failure"),
         };
         entry.flag(failure.flag());
+        let now = Instant::now();
+        if failure.is_server_fault() {
+            group.server_failed(server, now);
+        }
         facts.returned = returned.is_some();
         if let Some(req) = returned {
             body = Some(req.into_body());
+        }
+        // Next upstream: a request no server has seen goes to another server at once, for
+        // every method, until each server was tried.
+        if failure.never_reached_upstream()
+            && (facts.returned || facts.replayable)
+            && servers_tried < group.servers.len()
+            && let Some(other) = group
+                .pick(Some(server), now)
+                .filter(|other| *other != server)
+        {
+            tracing::info!(
+                upstream = %group.server_addr(server),
+                request = %entry.request,
+                "{failure}; trying the next upstream server {}",
+                group.server_addr(other)
+            );
+            retries.push(Cause::NextUpstream);
+            servers_tried += 1;
+            server = other;
+            fresh_only = false;
+            continue;
         }
         let decision = retry::decide(
             Outcome::Failed(&failure),
@@ -159,7 +189,7 @@ pub(super) async fn exchange(
         } else {
             facts.attempts += 1;
             backoff(policy, facts.attempts).await;
-            server = group.pick();
+            server = group.pick(Some(server), Instant::now()).unwrap_or(server);
         }
     }
 }

@@ -2,12 +2,13 @@
 //! connections to requests, and its retry budget.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
+use super::servers::Servers;
 use crate::config::{Guards, OnUnretryable, RetryBudget, UpstreamGroupConfig};
 use crate::error::{Failure, Transport};
 use crate::metrics::{Dropped, GroupMetrics, Metrics};
@@ -30,7 +31,7 @@ const REAPER_MAX_GAP: Duration = Duration::from_millis(250);
 
 pub struct Group {
     pub name: String,
-    servers: Vec<SocketAddr>,
+    pub servers: Servers,
     pool: Mutex<Pool<UpstreamConn>>,
     pub read_timeout: Duration,
     pub send_timeout: Duration,
@@ -39,7 +40,6 @@ pub struct Group {
     pub replay_buffer: usize,
     pub on_unretryable: OnUnretryable,
     budget: RetryBudget,
-    next: AtomicUsize,
     in_flight: AtomicU64,
     retries_in_flight: AtomicU64,
     pub metrics: GroupMetrics,
@@ -70,7 +70,7 @@ impl Group {
         };
         Group {
             name: cfg.name.clone(),
-            servers: cfg.servers.iter().map(|s| s.addr).collect(),
+            servers: Servers::new(cfg),
             pool: Mutex::new(Pool::new(limits, guards, cfg.servers.len())),
             read_timeout: cfg.read_timeout,
             send_timeout: cfg.send_timeout,
@@ -79,7 +79,6 @@ impl Group {
             replay_buffer: cfg.replay_buffer,
             on_unretryable: cfg.on_unretryable,
             budget: cfg.retry_budget,
-            next: AtomicUsize::new(0),
             in_flight: AtomicU64::new(0),
             retries_in_flight: AtomicU64::new(0),
             metrics: metrics.group(&cfg.name, &names),
@@ -94,13 +93,29 @@ impl Group {
         self.lock().limits().keepalive > 0
     }
 
-    /// The next server, round robin.
-    pub fn pick(&self) -> usize {
-        self.next.fetch_add(1, Ordering::Relaxed) % self.servers.len()
+    /// The server for the next attempt (see [`Servers::pick`]).
+    pub fn pick(&self, exclude: Option<usize>, now: Instant) -> Option<usize> {
+        self.servers.pick(exclude, now)
     }
 
     pub fn server_addr(&self, server: usize) -> SocketAddr {
-        self.servers[server]
+        self.servers.addr(server)
+    }
+
+    /// `server` answered: it counts as healthy again and its latency is noted.
+    pub fn server_answered(&self, server: usize, latency: Duration, now: Instant) {
+        self.servers.succeeded(server, latency, now);
+    }
+
+    /// `server` failed in a way that is its own fault (not a race kaguard absorbed, not the
+    /// client's): it counts toward `max_fails`.
+    pub fn server_failed(&self, server: usize, now: Instant) {
+        let m = &self.metrics.servers[server];
+        m.failures.inc();
+        if self.servers.failed(server, now) {
+            m.available.set(0);
+            tracing::warn!(upstream = %self.servers.addr(server), "upstream server temporarily disabled");
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Pool<UpstreamConn>> {
@@ -145,9 +160,9 @@ impl Group {
                     .learned_idle_budget
                     .set(budget.as_secs_f64());
                 tracing::warn!(
-                    upstream = %self.servers[server],
+                    upstream = %self.servers.addr(server),
                     "upstream {} closes idle connections after ~{}; reusing them for at most {}",
-                    self.servers[server],
+                    self.servers.addr(server),
                     humantime::format_duration(round_ms(observed)),
                     humantime::format_duration(round_ms(budget)),
                 );
@@ -160,9 +175,9 @@ impl Group {
                     .learned_request_cap
                     .set(cap as i64);
                 tracing::warn!(
-                    upstream = %self.servers[server],
+                    upstream = %self.servers.addr(server),
                     "upstream {} closes connections after {observed} requests; sending at most {cap} on each",
-                    self.servers[server],
+                    self.servers.addr(server),
                 );
             }
         }
@@ -170,7 +185,7 @@ impl Group {
 
     fn count_close(&self, meta: &ConnMeta, reason: Reason) {
         self.metrics.servers[meta.server].closed(reason).inc();
-        tracing::debug!(upstream = %self.servers[meta.server], conn = meta.id, reason = reason.as_str(), "closing upstream connection");
+        tracing::debug!(upstream = %self.servers.addr(meta.server), conn = meta.id, reason = reason.as_str(), "closing upstream connection");
     }
 
     /// Whether a pooled connection is still open: hyper's view always, and with the
@@ -223,7 +238,7 @@ impl Group {
 
     /// Opens a new connection to `server`.
     pub async fn connect(self: &Arc<Self>, server: usize) -> Result<Lease, Failure> {
-        let addr = self.servers[server];
+        let addr = self.servers.addr(server);
         let metrics = &self.metrics.servers[server];
         match UpstreamConn::connect(addr, self.connect_timeout).await {
             Ok(conn) => {
@@ -249,6 +264,7 @@ impl Group {
         reused: bool,
         idle_for: Duration,
     ) -> Lease {
+        self.servers.begin(meta.server);
         self.metrics.pool_in_use.inc();
         Lease {
             conn: Some(conn),
@@ -348,6 +364,10 @@ pub async fn reap(group: Weak<Group>) {
                     |c, m, r| closed.push((c, m, r)),
                 );
                 for server in 0..group.servers.len() {
+                    let available = group.servers.available(server, now);
+                    group.metrics.servers[server]
+                        .available
+                        .set(i64::from(available));
                     let (idle, cap) = pool.learned(server, now);
                     let m = &group.metrics.servers[server];
                     m.learned_idle_budget
@@ -415,6 +435,7 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         self.group.metrics.pool_in_use.dec();
+        self.group.servers.end(self.meta.server);
         if let Some(conn) = self.conn.take() {
             let reason = if self.failed {
                 Reason::Error
