@@ -72,6 +72,8 @@ pub struct ServerMetrics {
     pub available: Gauge,
     /// Failures counted toward `max_fails`.
     pub failures: Counter,
+    /// Active checks, failed and passed.
+    checks: [Counter; 2],
 }
 
 impl ServerMetrics {
@@ -84,6 +86,11 @@ impl ServerMetrics {
             .iter()
             .position(|c| *c == cause)
             .expect("ALL lists every cause")]
+    }
+
+    /// Active checks that `passed`, or failed.
+    pub fn check(&self, passed: bool) -> &Counter {
+        &self.checks[usize::from(passed)]
     }
 }
 
@@ -145,6 +152,7 @@ pub struct Metrics {
     learned_cap: Family<Labels, Gauge>,
     available: Family<Labels, Gauge>,
     failures: Family<Labels, Counter>,
+    health_checks: Family<Labels, Counter>,
     retries: Family<Labels, Counter>,
     budget_exhausted: Family<Labels, Counter>,
     pub downstream_active: Gauge,
@@ -243,6 +251,12 @@ impl Metrics {
             "Failures counted toward max_fails",
             failures.clone(),
         );
+        let health_checks = Family::<Labels, Counter>::default();
+        registry.register(
+            "upstream_health_checks",
+            "Active health checks, by result",
+            health_checks.clone(),
+        );
         let retries = Family::<Labels, Counter>::default();
         registry.register(
             "upstream_retries",
@@ -288,6 +302,7 @@ impl Metrics {
             learned_cap,
             available,
             failures,
+            health_checks,
             retries,
             budget_exhausted,
             downstream_active,
@@ -347,6 +362,11 @@ impl Metrics {
                         gauge
                     },
                     failures: self.failures.get_or_create(&labels()).clone(),
+                    checks: ["fail", "pass"].map(|result| {
+                        let mut l = labels();
+                        l.push(("result", result.to_string()));
+                        self.health_checks.get_or_create(&l).clone()
+                    }),
                 }
             })
             .collect();
@@ -400,6 +420,7 @@ mod tests {
         group.request(200);
         group.servers[0].opened.inc();
         group.servers[0].closed(Reason::IdleTimeout).inc();
+        group.servers[0].check(true).inc();
         let text = metrics.render();
         for line in [
             r#"kaguard_requests_total{upstream="app",status_class="2xx"} 1"#,
@@ -421,6 +442,8 @@ mod tests {
             r#"kaguard_upstream_retry_budget_exhausted_total{upstream="app"} 0"#,
             r#"kaguard_upstream_server_available{upstream="app",server="127.0.0.1:8000"} 1"#,
             r#"kaguard_upstream_server_failures_total{upstream="app",server="127.0.0.1:8000"} 0"#,
+            r#"kaguard_upstream_health_checks_total{upstream="app",server="127.0.0.1:8000",result="pass"} 1"#,
+            r#"kaguard_upstream_health_checks_total{upstream="app",server="127.0.0.1:8000",result="fail"} 0"#,
         ] {
             assert!(text.contains(line), "missing {line} in\n{text}");
         }

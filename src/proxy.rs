@@ -4,6 +4,7 @@
 //! connection carry another request) and in the failure types of [`crate::error`].
 
 pub mod body;
+mod check;
 mod exchange;
 pub mod group;
 pub mod headers;
@@ -51,7 +52,7 @@ pub struct Proxy {
 
 impl Proxy {
     pub fn new(config: &Config, log: AccessLog, metrics: Arc<Metrics>) -> Proxy {
-        let groups = config
+        let groups: Vec<Arc<Group>> = config
             .upstreams
             .iter()
             .map(|g| Arc::new(Group::new(g, &metrics)))
@@ -74,10 +75,12 @@ impl Proxy {
         &self.metrics
     }
 
-    /// Starts the per-group tasks that close idle connections kaguard no longer trusts.
+    /// Starts the per-group tasks that close idle connections kaguard no longer trusts, and
+    /// with `[upstream.health_check]` a checker per server. Each ends when its group is gone.
     pub fn spawn_reapers(&self) {
         for group in &self.groups {
             tokio::spawn(group::reap(Arc::downgrade(group)));
+            check::spawn(group);
         }
     }
 

@@ -94,7 +94,11 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
         .as_ref()
         .map(|l| l.local_addr().expect("a bound listener has an address"));
     if let Some(listener) = admin {
-        tokio::spawn(crate::admin::serve(listener, metrics, shutdown.clone()));
+        tokio::spawn(crate::admin::serve(
+            listener,
+            proxy.clone(),
+            shutdown.clone(),
+        ));
     }
     Ok(Running {
         listen,
@@ -141,7 +145,7 @@ pub async fn run(config: &Config) -> Result<bool, StartError> {
         tracing::info!("kaguard listening on {addr}");
     }
     if let Some(addr) = running.admin {
-        tracing::info!("admin listening on {addr} (/metrics, /healthz)");
+        tracing::info!("admin listening on {addr} (/metrics, /healthz, /upstreams)");
     }
     wait_for_signal().await;
     tracing::info!("shutting down: finishing in-flight requests");

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 use super::servers::Servers;
-use crate::config::{Guards, OnUnretryable, RetryBudget, UpstreamGroupConfig};
+use crate::config::{Guards, HealthCheckConfig, OnUnretryable, RetryBudget, UpstreamGroupConfig};
 use crate::error::{Failure, Transport};
 use crate::metrics::{Dropped, GroupMetrics, Metrics};
 use crate::pool::learn::Change;
@@ -39,6 +39,8 @@ pub struct Group {
     pub guards: Guards,
     pub replay_buffer: usize,
     pub on_unretryable: OnUnretryable,
+    /// `[upstream.health_check]`, which the checkers of `proxy/check.rs` run.
+    pub health_check: Option<HealthCheckConfig>,
     budget: RetryBudget,
     in_flight: AtomicU64,
     retries_in_flight: AtomicU64,
@@ -78,6 +80,7 @@ impl Group {
             guards: cfg.guards,
             replay_buffer: cfg.replay_buffer,
             on_unretryable: cfg.on_unretryable,
+            health_check: cfg.health_check.clone(),
             budget: cfg.retry_budget,
             in_flight: AtomicU64::new(0),
             retries_in_flight: AtomicU64::new(0),
@@ -116,6 +119,19 @@ impl Group {
             m.available.set(0);
             tracing::warn!(upstream = %self.servers.addr(server), "upstream server temporarily disabled");
         }
+    }
+
+    /// An active check of `server` passed or failed: it is counted, and when it changed the
+    /// server's state the `available` gauge follows. Returns the new state then, `true` for up.
+    pub fn server_checked(&self, server: usize, passed: bool, now: Instant) -> Option<bool> {
+        let m = &self.metrics.servers[server];
+        m.check(passed).inc();
+        let changed = self.servers.checked(server, passed);
+        if changed.is_some() {
+            m.available
+                .set(i64::from(self.servers.available(server, now)));
+        }
+        changed
     }
 
     fn lock(&self) -> MutexGuard<'_, Pool<UpstreamConn>> {

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::balance::{Balancer, Candidate, EWMA_DECAY, PeakEwma};
+use crate::balance::{Balance, Balancer, Candidate, EWMA_DECAY, PeakEwma};
 use crate::config::UpstreamGroupConfig;
 use crate::health::{Active, Passive};
 
@@ -20,6 +20,7 @@ struct State {
 }
 
 pub struct Servers {
+    balance: Balance,
     addrs: Vec<SocketAddr>,
     weights: Vec<u32>,
     in_flight: Vec<AtomicU32>,
@@ -46,6 +47,7 @@ impl Servers {
             })
             .collect();
         Servers {
+            balance: cfg.balance,
             addrs: cfg.servers.iter().map(|s| s.addr).collect(),
             weights: cfg.servers.iter().map(|s| s.weight).collect(),
             in_flight: cfg.servers.iter().map(|_| AtomicU32::new(0)).collect(),
@@ -76,6 +78,24 @@ impl Servers {
 
     pub fn addr(&self, server: usize) -> SocketAddr {
         self.addrs[server]
+    }
+
+    pub fn balance(&self) -> Balance {
+        self.balance
+    }
+
+    pub fn weight(&self, server: usize) -> u32 {
+        self.weights[server]
+    }
+
+    /// Requests on their way to `server` now.
+    pub fn in_flight(&self, server: usize) -> u32 {
+        self.in_flight[server].load(Ordering::Relaxed)
+    }
+
+    /// What the active checks say of `server`: `Some(true)` up, `None` when the group has none.
+    pub fn active(&self, server: usize) -> Option<bool> {
+        self.lock().active[server].as_ref().map(Active::up)
     }
 
     /// The server for the next attempt, other than `exclude` when another may take it;
