@@ -125,16 +125,16 @@ impl Downstream {
                 if let Poll::Ready(res) = conn.as_mut().poll(cx) {
                     return Poll::Ready(Some(res));
                 }
-                if closing {
-                    return Poll::Pending;
-                }
-                if stop.as_mut().poll(cx).is_ready() {
+                if !closing && stop.as_mut().poll(cx).is_ready() {
                     closing = true;
                     conn.as_mut().graceful_shutdown();
                     continue;
                 }
+                // While closing, only the abort deadlines still matter: a graceful close can
+                // wait forever on a client that does not read.
                 let deadline = match tracker.wait(&self.timeouts) {
                     Wait::Busy => return Poll::Pending,
+                    Wait::Idle(_) if closing => return Poll::Pending,
                     Wait::Idle(at) | Wait::Abort(at) => at,
                 };
                 if sleep.deadline() != deadline.into() {
@@ -144,12 +144,12 @@ impl Downstream {
                     return Poll::Pending;
                 }
                 match tracker.wait(&self.timeouts) {
-                    Wait::Idle(_) => {
+                    Wait::Idle(_) if !closing => {
                         closing = true;
                         conn.as_mut().graceful_shutdown();
                     }
                     Wait::Abort(_) => return Poll::Ready(None),
-                    Wait::Busy => return Poll::Pending,
+                    Wait::Idle(_) | Wait::Busy => return Poll::Pending,
                 }
             }
         })

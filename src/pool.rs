@@ -135,7 +135,8 @@ impl<C> Pool<C> {
         Pool {
             limits,
             guards,
-            idle: VecDeque::with_capacity(limits.keepalive),
+            // Bounded: a huge `keepalive` must not reserve memory it may never use.
+            idle: VecDeque::with_capacity(limits.keepalive.min(1024)),
             learners: vec![Learner::default(); servers],
             events: Vec::new(),
         }
@@ -231,6 +232,21 @@ impl<C> Pool<C> {
         }
     }
 
+    /// Learns from a close seen while a connection sat idle since `since`. A close from before
+    /// it was pooled (hyper had read a response delimited by the close) says nothing about
+    /// the upstream's idle timeout or request cap.
+    fn learn_from_close(
+        &mut self,
+        meta: &ConnMeta,
+        since: Instant,
+        closed_at: Instant,
+        now: Instant,
+    ) {
+        if closed_at > since {
+            self.observe_close(meta, closed_at - since, now);
+        }
+    }
+
     /// Lends an idle connection to `server`: the most recently used one that is within its
     /// budget, that `alive` confirms, and, for a request that must not be retried, that has
     /// settled and is comfortably inside its idle budget. Connections found unusable on the
@@ -281,11 +297,7 @@ impl<C> Pool<C> {
                     });
                 }
                 Liveness::Closed { at: closed_at } => {
-                    self.observe_close(
-                        &entry.meta,
-                        closed_at.saturating_duration_since(entry.since),
-                        now,
-                    );
+                    self.learn_from_close(&entry.meta, entry.since, closed_at, now);
                     closed(entry.conn, entry.meta, Reason::ClosedByUpstream);
                 }
             }
@@ -334,7 +346,7 @@ impl<C> Pool<C> {
         for entry in idle {
             let budget = self.reaper_budget(&entry.meta, now);
             if let Liveness::Closed { at } = alive(&entry.conn) {
-                self.observe_close(&entry.meta, at.saturating_duration_since(entry.since), now);
+                self.learn_from_close(&entry.meta, entry.since, at, now);
                 closed(entry.conn, entry.meta, Reason::ClosedByUpstream);
                 continue;
             }

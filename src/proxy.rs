@@ -213,7 +213,7 @@ impl Proxy {
                 lease.meta.hint_idle = Some(learn::idle_budget_below(Duration::from_secs(secs)));
             }
             if let Some(max) = max {
-                lease.meta.hint_requests = Some(lease.meta.requests + max);
+                lease.meta.hint_requests = Some(lease.meta.requests.saturating_add(max));
             }
         }
         headers::remove_hop_by_hop(&mut parts.headers);

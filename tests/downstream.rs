@@ -111,3 +111,30 @@ async fn silent_new_connection_is_closed_after_client_header_timeout() {
         .expect("closed in time");
     assert!(matches!(read, Ok(0) | Err(_)));
 }
+
+/// A client that stops reading is cut off after `send_timeout`, even when hyper has already
+/// taken the whole response and only the flush is left.
+#[tokio::test]
+async fn client_that_stops_reading_is_cut_off_after_send_timeout() {
+    let up = upstream(Behaviour::default()).await;
+    let mut cfg = config(&[up.addr()]);
+    cfg.downstream.send_timeout = Duration::from_millis(300);
+    let kg = start(cfg).await;
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut stream = sock.connect(kg.addr).await.unwrap();
+    stream
+        .write_all(b"GET /?size=3000000 HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    // Never read. kaguard must give up on this connection on its own.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while kg.metric("kaguard_downstream_connections_active").await > 0.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "kaguard still holds a client that reads nothing"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(stream);
+}

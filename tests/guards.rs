@@ -290,3 +290,27 @@ async fn upstream_crashing_on_a_request_teaches_nothing_about_its_idle_timeout()
     // One new connection after the crash, then reuse as before.
     assert_eq!(up.connections(), 2);
 }
+
+/// A response delimited by the close of its connection is no sign of a request cap: the
+/// connection is not pooled, and nothing is learned.
+#[tokio::test]
+async fn close_delimited_response_teaches_no_request_cap() {
+    let (addr, _accepted) = scripted_upstream(b"HTTP/1.1 200 OK\r\n\r\nread until the close").await;
+    let kg = start(with_guards(addr, Guards::ON)).await;
+    let resp = get(kg.addr, "/").await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(&resp.body()[..], b"read until the close");
+    // Give the reaper a sweep or two.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let cap =
+        format!(r#"kaguard_upstream_learned_request_cap{{upstream="default",server="{addr}"}}"#);
+    assert_eq!(
+        kg.metric(&cap).await,
+        0.0,
+        "learned a cap from a close-delimited response"
+    );
+    assert_eq!(
+        kg.metric(&closed_series(addr, "upstream_said_close")).await,
+        1.0
+    );
+}

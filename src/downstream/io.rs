@@ -82,11 +82,13 @@ impl Tracker {
     }
 
     pub(super) fn wait(&self, t: &super::Timeouts) -> Wait {
+        // A client that stopped reading: hyper may have taken the whole response (the request
+        // is over) and still be waiting to flush it, so this comes before everything else.
+        if let s @ 1.. = self.write_blocked.load(Ordering::Relaxed) {
+            return Wait::Abort(self.at(s) + t.send);
+        }
         if self.in_flight.load(Ordering::Relaxed) > 0 {
-            return match self.write_blocked.load(Ordering::Relaxed) {
-                0 => Wait::Busy,
-                s => Wait::Abort(self.at(s) + t.send),
-            };
+            return Wait::Busy;
         }
         match self.head_started.load(Ordering::Relaxed) {
             0 => {}

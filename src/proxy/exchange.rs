@@ -60,10 +60,14 @@ pub(super) async fn exchange(
     loop {
         entry.attempts += 1;
         let attempt_start = Instant::now();
+        // The body this attempt sends: what the last attempt handed back unsent, or a replay
+        // of a held body. Whatever this attempt does with it, it is not "returned" any more.
+        facts.returned = false;
         let req = head.request(
             body.take()
                 .or_else(|| replay.as_ref().and_then(RequestBody::replay)),
         );
+        let body_done = req.body().finished();
         let pooled = if fresh_only {
             None
         } else {
@@ -91,6 +95,7 @@ pub(super) async fn exchange(
                 entry.upstream_connection_idle_ms = Some(lease.idle_for.as_millis() as u64);
                 entry.upstream_connection_requests = Some(lease.meta.requests + 1);
                 lease.meta.requests += 1;
+                lease.request_body_done = body_done.clone();
                 let reused = lease.reused;
                 let timeouts = Timeouts {
                     read: group.read_timeout,

@@ -2,7 +2,7 @@
 //! connections to requests, and its retry budget.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use std::time::{Duration, Instant};
@@ -289,6 +289,7 @@ impl Group {
             idle_for,
             failed: false,
             group: self.clone(),
+            request_body_done: None,
         }
     }
 
@@ -414,6 +415,8 @@ pub struct Lease {
     pub idle_for: Duration,
     failed: bool,
     group: Arc<Group>,
+    /// Set for a streamed request body once it has been sent whole.
+    pub request_body_done: Option<Arc<AtomicBool>>,
 }
 
 impl Lease {
@@ -433,9 +436,16 @@ impl Lease {
     /// Ends the exchange; the pool keeps the connection if [`crate::reuse::decide`] allows.
     pub fn release(mut self, response_complete: bool, upstream_keep_alive: bool, now: Instant) {
         let Some(conn) = self.conn.take() else { return };
+        // A streamed request body still going out (the upstream answered early) would hold
+        // the next request behind it; a connection hyper already saw close (a response
+        // delimited by the close) cannot carry another.
+        let body_sent = self
+            .request_body_done
+            .as_ref()
+            .is_none_or(|done| done.load(Ordering::Acquire));
         let returning = Returning {
-            response_complete: response_complete && !self.failed,
-            upstream_keep_alive,
+            response_complete: response_complete && !self.failed && body_sent,
+            upstream_keep_alive: upstream_keep_alive && !conn.is_closed(),
         };
         let meta = self.meta;
         let expiry = self.group.with_pool(|pool, closed| {
