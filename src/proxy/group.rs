@@ -31,6 +31,8 @@ const REAPER_MAX_GAP: Duration = Duration::from_millis(250);
 
 pub struct Group {
     pub name: String,
+    /// `keepalive > 0`, read on every request, so kept outside the pool's lock.
+    reuse: bool,
     pub servers: Servers,
     pool: Mutex<Pool<UpstreamConn>>,
     pub read_timeout: Duration,
@@ -72,6 +74,7 @@ impl Group {
         };
         Group {
             name: cfg.name.clone(),
+            reuse: cfg.keepalive > 0,
             servers: Servers::new(cfg),
             pool: Mutex::new(Pool::new(limits, guards, cfg.servers.len())),
             read_timeout: cfg.read_timeout,
@@ -93,7 +96,7 @@ impl Group {
 
     /// Whether connections to this group are kept for reuse at all (`keepalive > 0`).
     pub fn reuse(&self) -> bool {
-        self.lock().limits().keepalive > 0
+        self.reuse
     }
 
     /// The server for the next attempt (see [`Servers::pick`]).
