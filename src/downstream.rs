@@ -21,9 +21,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 
 use crate::config::DownstreamConfig;
+use crate::observed::Observed;
 use crate::proxy::body::ResponseBody;
 use crate::proxy::{Abort, Client, Proxy, headers};
-use io::{DownstreamIo, Tracker, Wait};
+use io::{ClientSide, Tracker, Wait};
 
 /// How much longer than announced an idle client connection is held. Clients that honor
 /// `Keep-Alive: timeout=N` (Node's agent, undici) then always close first, so kaguard never
@@ -103,7 +104,10 @@ impl Downstream {
         let _ = stream.set_nodelay(true);
         let serial = self.next_serial.fetch_add(1, Ordering::Relaxed);
         let tracker = Arc::new(Tracker::new(Instant::now()));
-        let io = DownstreamIo::new(stream, tracker.clone(), self.max_header_size);
+        let io = Observed::new(
+            stream,
+            ClientSide::new(tracker.clone(), self.max_header_size),
+        );
         let this = self.clone();
         let service_tracker = tracker.clone();
         let service = service_fn(move |req: Request<Incoming>| {

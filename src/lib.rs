@@ -15,6 +15,7 @@ pub mod downstream;
 pub mod error;
 pub mod health;
 pub mod metrics;
+pub mod observed;
 pub mod pool;
 pub mod proxy;
 pub mod retry;

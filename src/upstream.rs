@@ -10,10 +10,8 @@ use std::io;
 use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use http::{Request, Response};
@@ -21,10 +19,10 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use socket2::SockRef;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::error::{Failure, Transport};
+use crate::observed::{Observed, Observer};
 use crate::proxy::body::{BodyError, RequestBody};
 
 /// What a non-blocking look at an idle connection's socket found.
@@ -71,76 +69,24 @@ impl Shared {
     }
 }
 
-/// The socket as hyper sees it: a plain `TcpStream` that counts what passes.
-struct CountingIo {
-    stream: TcpStream,
-    shared: Arc<Shared>,
-}
+/// What the upstream socket reports: bytes moved each way, and when the upstream closed.
+struct Counting(Arc<Shared>);
 
-impl AsyncRead for CountingIo {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let res = Pin::new(&mut self.stream).poll_read(cx, buf);
-        let n = buf.filled().len() - before;
-        match &res {
-            Poll::Ready(Ok(())) if n > 0 => {
-                self.shared.read.fetch_add(n as u64, Ordering::Relaxed);
-                self.shared.touch();
-            }
-            // A zero-byte read into a non-empty buffer is the upstream's FIN.
-            Poll::Ready(Ok(())) if buf.remaining() > 0 => self.shared.mark_closed(),
-            Poll::Ready(Err(_)) => self.shared.mark_closed(),
-            _ => {}
+impl Observer for Counting {
+    fn read(&mut self, added: &[u8], closed: bool) {
+        if !added.is_empty() {
+            self.0.read.fetch_add(added.len() as u64, Ordering::Relaxed);
+            self.0.touch();
         }
-        res
-    }
-}
-
-impl AsyncWrite for CountingIo {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let res = Pin::new(&mut self.stream).poll_write(cx, buf);
-        self.count_written(&res);
-        res
+        if closed {
+            self.0.mark_closed();
+        }
     }
 
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let res = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
-        self.count_written(&res);
-        res
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
-    }
-}
-
-impl CountingIo {
-    fn count_written(&self, res: &Poll<io::Result<usize>>) {
-        if let Poll::Ready(Ok(n)) = res
-            && *n > 0
-        {
-            self.shared.written.fetch_add(*n as u64, Ordering::Relaxed);
-            self.shared.touch();
+    fn wrote(&mut self, written: usize, _pending: bool) {
+        if written > 0 {
+            self.0.written.fetch_add(written as u64, Ordering::Relaxed);
+            self.0.touch();
         }
     }
 }
@@ -192,10 +138,7 @@ impl UpstreamConn {
             task_done: AtomicBool::new(false),
             closed_ns: AtomicU64::new(0),
         });
-        let io = CountingIo {
-            stream,
-            shared: shared.clone(),
-        };
+        let io = Observed::new(stream, Counting(shared.clone()));
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(io))
             .await

@@ -1,15 +1,11 @@
-//! The client socket as hyper sees it, instrumented: when bytes arrive and leave, and a copy
-//! of each request head long enough to check its framing headers.
+//! The state of one client connection, and what its socket reports into it: when bytes arrive
+//! and leave, and a copy of each request head long enough to check its framing headers.
 
-use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
+use crate::observed::Observer;
 
 /// What the connection is doing, shared by the socket wrapper, the service and the driver.
 /// All of them run on the connection's one task; atomics only make the struct `Sync`.
@@ -155,92 +151,48 @@ fn conflicting_framing(head: &[u8]) -> bool {
     has("transfer-encoding") && has("content-length")
 }
 
-pub(super) struct DownstreamIo {
-    stream: TcpStream,
+/// What the client socket reports to the connection: when bytes arrive and leave, and a copy
+/// of each request head long enough to check its framing headers.
+pub(super) struct ClientSide {
     tracker: Arc<Tracker>,
     head: HeadRecorder,
     head_limit: usize,
 }
 
-impl DownstreamIo {
-    pub(super) fn new(stream: TcpStream, tracker: Arc<Tracker>, head_limit: usize) -> DownstreamIo {
-        DownstreamIo {
-            stream,
+impl ClientSide {
+    pub(super) fn new(tracker: Arc<Tracker>, head_limit: usize) -> ClientSide {
+        ClientSide {
             tracker,
             head: HeadRecorder::default(),
             head_limit,
         }
     }
+}
 
-    fn note_write<T>(&self, res: &Poll<T>) {
+impl Observer for ClientSide {
+    fn read(&mut self, added: &[u8], _closed: bool) {
         let t = &self.tracker;
-        match res {
-            Poll::Pending if t.write_blocked.load(Ordering::Relaxed) == 0 => t
-                .write_blocked
-                .store(t.stamp(Instant::now()), Ordering::Relaxed),
-            Poll::Ready(_) => t.write_blocked.store(0, Ordering::Relaxed),
-            Poll::Pending => {}
+        if added.is_empty() || !t.recording.load(Ordering::Relaxed) {
+            return;
+        }
+        if t.head_started.load(Ordering::Relaxed) == 0 {
+            t.head_started
+                .store(t.stamp(Instant::now()), Ordering::Relaxed);
+        }
+        if let Some(conflict) = self.head.feed(added, self.head_limit) {
+            t.conflict.store(conflict, Ordering::Relaxed);
+            t.recording.store(false, Ordering::Relaxed);
         }
     }
-}
 
-impl AsyncRead for DownstreamIo {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let res = Pin::new(&mut self.stream).poll_read(cx, buf);
-        let this = &mut *self;
-        let t = &this.tracker;
-        if buf.filled().len() > before && t.recording.load(Ordering::Relaxed) {
-            if t.head_started.load(Ordering::Relaxed) == 0 {
-                t.head_started
-                    .store(t.stamp(Instant::now()), Ordering::Relaxed);
-            }
-            if let Some(conflict) = this.head.feed(&buf.filled()[before..], this.head_limit) {
-                t.conflict.store(conflict, Ordering::Relaxed);
-                t.recording.store(false, Ordering::Relaxed);
-            }
+    fn wrote(&mut self, _written: usize, pending: bool) {
+        let t = &self.tracker;
+        if !pending {
+            t.write_blocked.store(0, Ordering::Relaxed);
+        } else if t.write_blocked.load(Ordering::Relaxed) == 0 {
+            t.write_blocked
+                .store(t.stamp(Instant::now()), Ordering::Relaxed);
         }
-        res
-    }
-}
-
-impl AsyncWrite for DownstreamIo {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let res = Pin::new(&mut self.stream).poll_write(cx, buf);
-        self.note_write(&res);
-        res
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let res = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
-        self.note_write(&res);
-        res
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let res = Pin::new(&mut self.stream).poll_flush(cx);
-        self.note_write(&res);
-        res
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
 

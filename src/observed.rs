@@ -1,0 +1,110 @@
+//! A `TcpStream` that tells an [`Observer`] what passes through it, so both sides can time
+//! and count their sockets without writing the stream delegation twice.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+/// Told of every read and write attempt, right after it; runs inside the poll, so it must
+/// stay cheap.
+pub trait Observer {
+    /// A read finished: `added` holds its bytes. `closed` is set when it saw the peer's FIN
+    /// (a zero-byte read into room) or an error.
+    fn read(&mut self, added: &[u8], closed: bool);
+    /// A write or flush was attempted: `written` bytes went out, or it is `pending`.
+    fn wrote(&mut self, written: usize, pending: bool);
+}
+
+/// The stream hyper drives, with its observer.
+pub struct Observed<O> {
+    stream: TcpStream,
+    pub observer: O,
+}
+
+impl<O> Observed<O> {
+    pub fn new(stream: TcpStream, observer: O) -> Observed<O> {
+        Observed { stream, observer }
+    }
+}
+
+impl<O: Observer + Unpin> AsyncRead for Observed<O> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let this = &mut *self;
+        let res = Pin::new(&mut this.stream).poll_read(cx, buf);
+        match &res {
+            Poll::Ready(Ok(())) => {
+                let added = &buf.filled()[before..];
+                let closed = added.is_empty() && buf.remaining() > 0;
+                this.observer.read(added, closed);
+            }
+            Poll::Ready(Err(_)) => this.observer.read(&[], true),
+            Poll::Pending => {}
+        }
+        res
+    }
+}
+
+impl<O: Observer + Unpin> Observed<O> {
+    fn note(&mut self, res: Poll<usize>) {
+        match res {
+            Poll::Ready(n) => self.observer.wrote(n, false),
+            Poll::Pending => self.observer.wrote(0, true),
+        }
+    }
+}
+
+fn written(res: &Poll<io::Result<usize>>) -> Poll<usize> {
+    match res {
+        Poll::Ready(Ok(n)) => Poll::Ready(*n),
+        Poll::Ready(Err(_)) => Poll::Ready(0),
+        Poll::Pending => Poll::Pending,
+    }
+}
+
+impl<O: Observer + Unpin> AsyncWrite for Observed<O> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let res = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.note(written(&res));
+        res
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let res = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.note(written(&res));
+        res
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let res = Pin::new(&mut self.stream).poll_flush(cx);
+        self.note(if res.is_pending() {
+            Poll::Pending
+        } else {
+            Poll::Ready(0)
+        });
+        res
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
