@@ -75,13 +75,18 @@ fn answer(req: &Request<Incoming>, proxy: &Proxy, shutdown: &Shutdown) -> Respon
 struct UpstreamView<'a> {
     upstream: &'a str,
     balance: &'static str,
-    servers: Vec<ServerView>,
+    servers: Vec<ServerView<'a>>,
 }
 
 /// One server of a group in `/upstreams`.
 #[derive(Serialize)]
-struct ServerView {
+struct ServerView<'a> {
+    /// The server as the config names it; several addresses share a name that resolves to
+    /// each of them.
+    name: &'a str,
     addr: String,
+    /// The address left its name's DNS answer: requests in flight finish, no new one comes.
+    draining: bool,
     weight: u32,
     /// Whether it may take requests now: neither `max_fails` nor active checks have it out.
     available: bool,
@@ -109,7 +114,9 @@ fn group_view(group: &Group) -> UpstreamView<'_> {
         balance: balance_name(servers.balance()),
         servers: (0..servers.len())
             .map(|i| ServerView {
+                name: servers.name(i),
                 addr: servers.addr(i).to_string(),
+                draining: !servers.listed(i),
                 weight: servers.weight(i),
                 available: servers.available(i, now),
                 in_flight: servers.in_flight(i),
@@ -118,7 +125,7 @@ fn group_view(group: &Group) -> UpstreamView<'_> {
                     Some(true) => "up",
                     Some(false) => "down",
                 },
-                failures: group.metrics.servers[i].failures.get(),
+                failures: group.metrics.server(i).failures.get(),
             })
             .collect(),
     }
@@ -159,7 +166,7 @@ mod tests {
             group.server_checked(1, false, Instant::now());
         }
         group.server_failed(1, Instant::now());
-        let expected = r#"[{"upstream":"default","balance":"round_robin","servers":[{"addr":"127.0.0.1:3000","weight":1,"available":true,"in_flight":0,"active_check":"up","failures":0},{"addr":"127.0.0.1:3001","weight":3,"available":false,"in_flight":0,"active_check":"down","failures":1}]}]"#;
+        let expected = r#"[{"upstream":"default","balance":"round_robin","servers":[{"name":"127.0.0.1:3000","addr":"127.0.0.1:3000","draining":false,"weight":1,"available":true,"in_flight":0,"active_check":"up","failures":0},{"name":"127.0.0.1:3001","addr":"127.0.0.1:3001","draining":false,"weight":3,"available":false,"in_flight":0,"active_check":"down","failures":1}]}]"#;
         assert_eq!(upstreams(&[group]), format!("{expected}\n"));
     }
 

@@ -49,6 +49,13 @@ impl Balancer {
         self.current.resize(servers, 0);
     }
 
+    /// Slot `server` stands for a new address: it starts level, owing nothing.
+    pub fn reset(&mut self, server: usize) {
+        if let Some(current) = self.current.get_mut(server) {
+            *current = 0;
+        }
+    }
+
     /// Picks an available server; `None` if none is.
     ///
     /// `exclude` asks for any server but that one (the one a failed try just used). It is

@@ -86,6 +86,9 @@ pub struct UpstreamGroupConfig {
     pub keepalive_requests: u64,
     /// Longest lifetime of an upstream connection.
     pub keepalive_time: Duration,
+    /// How often servers given by name are resolved again (or the record's TTL, when the
+    /// resolver gives one); zero resolves them only at start, as nginx does.
+    pub resolve_interval: Duration,
     pub connect_timeout: Duration,
     /// Between two successive reads from the upstream.
     pub read_timeout: Duration,
@@ -240,8 +243,9 @@ pub struct HealthCheckConfig {
 pub struct ServerConfig {
     /// The address as written, e.g. "app.internal:3000", without parameters; what logs show.
     pub name: String,
-    /// Resolved once at load; the first address the resolver returned.
-    pub addr: SocketAddr,
+    /// Every address the name resolved to at load, in the resolver's order, each once; never
+    /// empty. A name that is not an IP address is resolved again every `resolve_interval`.
+    pub addrs: Vec<SocketAddr>,
     /// Share of the group's requests relative to the other servers; 1..=1000.
     pub weight: u32,
     /// Failures within `fail_timeout` that take this server out; 0 means never.
@@ -256,7 +260,7 @@ impl ServerConfig {
     pub fn new(name: impl Into<String>, addr: SocketAddr) -> Self {
         Self {
             name: name.into(),
-            addr,
+            addrs: vec![addr],
             weight: DEFAULT_WEIGHT,
             max_fails: DEFAULT_MAX_FAILS,
             fail_timeout: DEFAULT_FAIL_TIMEOUT,
@@ -348,6 +352,9 @@ impl UpstreamGroupConfig {
             keepalive_requests: 1000,
             // nginx's default.
             keepalive_time: Duration::from_secs(3600),
+            // Envoy's `dns_refresh_rate`: a moved server gets traffic within seconds, and a
+            // resolver answers one name every few seconds without strain.
+            resolve_interval: Duration::from_secs(5),
             // Envoy's default; nginx's 60 s makes a dead server hang clients for a minute.
             connect_timeout: Duration::from_secs(5),
             // nginx's `proxy_read_timeout` and `proxy_send_timeout`.

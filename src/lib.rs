@@ -5,6 +5,7 @@
 //! - [`route`]: host and path prefix -> upstream group.
 //! - [`balance`]: which server of the group takes a try (round robin, least_conn, p2c).
 //! - [`health`]: whether a server may take tries: nginx's max_fails, active checks.
+//! - [`resolve`]: server names to addresses, again and again, for servers DNS moves.
 //! - [`tools`]: `kaguard upstream` and the other helper subcommands.
 
 pub mod access_log;
@@ -18,6 +19,7 @@ pub mod metrics;
 pub mod observed;
 pub mod pool;
 pub mod proxy;
+pub mod resolve;
 pub mod retry;
 pub mod reuse;
 pub mod route;

@@ -9,6 +9,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard};
 
 use crate::retry::Cause;
 use prometheus_client::registry::Registry;
@@ -104,17 +105,40 @@ pub enum RetryOutcome {
 }
 
 /// Series of one upstream group.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct GroupMetrics {
+    name: String,
+    /// `None` for the requests answered without a group, which have no servers.
+    families: Option<ServerFamilies>,
     requests: [Counter; 5],
     pub pool_idle: Gauge,
     pub pool_in_use: Gauge,
-    pub servers: Vec<ServerMetrics>,
+    /// By server slot; a slot DNS gives a new address gets new series.
+    servers: RwLock<Vec<Arc<ServerMetrics>>>,
     retries: Vec<Counter>,
     pub retry_budget_exhausted: Counter,
 }
 
 impl GroupMetrics {
+    /// The series of server slot `server`.
+    pub fn server(&self, server: usize) -> Arc<ServerMetrics> {
+        read(&self.servers)[server].clone()
+    }
+
+    /// Gives slot `server` (an existing one, or the next) the series of the server `label`.
+    pub fn set_server(&self, server: usize, label: &str) {
+        let Some(families) = &self.families else {
+            return;
+        };
+        let metrics = Arc::new(families.server(&self.name, label));
+        let mut servers = self.servers.write().unwrap_or_else(PoisonError::into_inner);
+        if server < servers.len() {
+            servers[server] = metrics;
+        } else {
+            servers.push(metrics);
+        }
+    }
+
     /// Counts one retry by its cause and the request's final outcome.
     pub fn retry(&self, cause: Cause, outcome: RetryOutcome) {
         let at = Cause::ALL
@@ -135,17 +159,21 @@ impl GroupMetrics {
     }
 }
 
+/// Nothing panics while holding the lock, and a poisoned list is still whole.
+fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(PoisonError::into_inner)
+}
+
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
-pub struct Metrics {
-    registry: Registry,
-    requests: Family<Labels, Counter>,
+/// The families of the per-server series, kept by each group so that servers DNS adds later
+/// get their series too.
+#[derive(Clone, Debug)]
+struct ServerFamilies {
     opened: Family<Labels, Counter>,
     connect_failed: Family<Labels, Counter>,
     reused: Family<Labels, Counter>,
     closed: Family<Labels, Counter>,
-    idle: Family<Labels, Gauge>,
-    in_use: Family<Labels, Gauge>,
     dropped: Family<Labels, Counter>,
     closed_idle_age: Family<Labels, Histogram>,
     learned_idle: Family<Labels, Gauge<f64, AtomicU64>>,
@@ -153,6 +181,60 @@ pub struct Metrics {
     available: Family<Labels, Gauge>,
     failures: Family<Labels, Counter>,
     health_checks: Family<Labels, Counter>,
+}
+
+impl ServerFamilies {
+    fn server(&self, group: &str, server: &str) -> ServerMetrics {
+        let labels = || {
+            vec![
+                ("upstream", group.to_string()),
+                ("server", server.to_string()),
+            ]
+        };
+        ServerMetrics {
+            opened: self.opened.get_or_create(&labels()).clone(),
+            connect_failed: self.connect_failed.get_or_create(&labels()).clone(),
+            reused: self.reused.get_or_create(&labels()).clone(),
+            closed: Reason::ALL
+                .iter()
+                .map(|reason| {
+                    let mut l = labels();
+                    l.push(("reason", reason.as_str().to_string()));
+                    self.closed.get_or_create(&l).clone()
+                })
+                .collect(),
+            dropped: Dropped::ALL
+                .iter()
+                .map(|cause| {
+                    let mut l = labels();
+                    l.push(("cause", cause.as_str().to_string()));
+                    self.dropped.get_or_create(&l).clone()
+                })
+                .collect(),
+            closed_idle_age: self.closed_idle_age.get_or_create(&labels()).clone(),
+            learned_idle_budget: self.learned_idle.get_or_create(&labels()).clone(),
+            learned_request_cap: self.learned_cap.get_or_create(&labels()).clone(),
+            available: {
+                let gauge = self.available.get_or_create(&labels()).clone();
+                gauge.set(1);
+                gauge
+            },
+            failures: self.failures.get_or_create(&labels()).clone(),
+            checks: ["fail", "pass"].map(|result| {
+                let mut l = labels();
+                l.push(("result", result.to_string()));
+                self.health_checks.get_or_create(&l).clone()
+            }),
+        }
+    }
+}
+
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<Labels, Counter>,
+    server: ServerFamilies,
+    idle: Family<Labels, Gauge>,
+    in_use: Family<Labels, Gauge>,
     retries: Family<Labels, Counter>,
     budget_exhausted: Family<Labels, Counter>,
     pub downstream_active: Gauge,
@@ -290,29 +372,33 @@ impl Metrics {
         let mut metrics = Metrics {
             registry,
             requests,
-            opened,
-            connect_failed,
-            reused,
-            closed,
+            server: ServerFamilies {
+                opened,
+                connect_failed,
+                reused,
+                closed,
+                dropped,
+                closed_idle_age,
+                learned_idle,
+                learned_cap,
+                available,
+                failures,
+                health_checks,
+            },
             idle,
             in_use,
-            dropped,
-            closed_idle_age,
-            learned_idle,
-            learned_cap,
-            available,
-            failures,
-            health_checks,
             retries,
             budget_exhausted,
             downstream_active,
             downstream_accepted,
             access_log_dropped,
             local: GroupMetrics {
+                name: String::new(),
+                families: None,
                 requests: Default::default(),
                 pool_idle: Gauge::default(),
                 pool_in_use: Gauge::default(),
-                servers: vec![],
+                servers: RwLock::default(),
                 retries: vec![],
                 retry_budget_exhausted: Counter::default(),
             },
@@ -329,46 +415,9 @@ impl Metrics {
             labels.push(("status_class", class.to_string()));
             self.requests.get_or_create(&labels).clone()
         });
-        let servers: Vec<ServerMetrics> = servers
+        let servers: Vec<Arc<ServerMetrics>> = servers
             .iter()
-            .map(|server| {
-                let labels = || vec![("upstream", group.to_string()), ("server", server.clone())];
-                ServerMetrics {
-                    opened: self.opened.get_or_create(&labels()).clone(),
-                    connect_failed: self.connect_failed.get_or_create(&labels()).clone(),
-                    reused: self.reused.get_or_create(&labels()).clone(),
-                    closed: Reason::ALL
-                        .iter()
-                        .map(|reason| {
-                            let mut l = labels();
-                            l.push(("reason", reason.as_str().to_string()));
-                            self.closed.get_or_create(&l).clone()
-                        })
-                        .collect(),
-                    dropped: Dropped::ALL
-                        .iter()
-                        .map(|cause| {
-                            let mut l = labels();
-                            l.push(("cause", cause.as_str().to_string()));
-                            self.dropped.get_or_create(&l).clone()
-                        })
-                        .collect(),
-                    closed_idle_age: self.closed_idle_age.get_or_create(&labels()).clone(),
-                    learned_idle_budget: self.learned_idle.get_or_create(&labels()).clone(),
-                    learned_request_cap: self.learned_cap.get_or_create(&labels()).clone(),
-                    available: {
-                        let gauge = self.available.get_or_create(&labels()).clone();
-                        gauge.set(1);
-                        gauge
-                    },
-                    failures: self.failures.get_or_create(&labels()).clone(),
-                    checks: ["fail", "pass"].map(|result| {
-                        let mut l = labels();
-                        l.push(("result", result.to_string()));
-                        self.health_checks.get_or_create(&l).clone()
-                    }),
-                }
-            })
+            .map(|server| Arc::new(self.server.server(group, server)))
             .collect();
         let mut retries = vec![];
         let mut retry_budget_exhausted = Counter::default();
@@ -392,12 +441,14 @@ impl Metrics {
             )
         };
         GroupMetrics {
+            name: group.to_string(),
+            families: Some(self.server.clone()),
             retries,
             retry_budget_exhausted,
             requests,
             pool_idle,
             pool_in_use,
-            servers,
+            servers: RwLock::new(servers),
         }
     }
 
@@ -418,9 +469,9 @@ mod tests {
         let metrics = Metrics::new();
         let group = metrics.group("app", &["127.0.0.1:8000".to_string()]);
         group.request(200);
-        group.servers[0].opened.inc();
-        group.servers[0].closed(Reason::IdleTimeout).inc();
-        group.servers[0].check(true).inc();
+        group.server(0).opened.inc();
+        group.server(0).closed(Reason::IdleTimeout).inc();
+        group.server(0).check(true).inc();
         let text = metrics.render();
         for line in [
             r#"kaguard_requests_total{upstream="app",status_class="2xx"} 1"#,

@@ -363,6 +363,28 @@ impl<C> Pool<C> {
         self.idle = kept;
     }
 
+    /// Slot `server` now stands for a new address (DNS): whatever was learned belongs to the
+    /// server that had it before, or to nobody.
+    pub fn new_server(&mut self, server: usize) {
+        if server >= self.learners.len() {
+            self.learners.resize(server + 1, Learner::default());
+        } else {
+            self.learners[server] = Learner::default();
+        }
+    }
+
+    /// `server` left DNS: its idle connections close; connections lent out close on checkin
+    /// (see [`Returning::server_removed`]).
+    pub fn remove_server(&mut self, server: usize, mut closed: impl FnMut(C, ConnMeta, Reason)) {
+        let (gone, kept): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut self.idle)
+            .into_iter()
+            .partition(|e| e.meta.server == server);
+        self.idle = kept;
+        for entry in gone {
+            closed(entry.conn, entry.meta, Reason::ServerRemoved);
+        }
+    }
+
     /// Closes every idle connection (shutdown).
     pub fn drain(&mut self, mut closed: impl FnMut(C, ConnMeta, Reason)) {
         for entry in self.idle.drain(..) {

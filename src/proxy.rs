@@ -5,6 +5,7 @@
 
 pub mod body;
 mod check;
+mod dns;
 mod exchange;
 pub mod group;
 pub mod headers;
@@ -22,6 +23,7 @@ use crate::access_log::{self, AccessLog, Entry};
 use crate::config::Config;
 use crate::metrics::{Metrics, RetryOutcome};
 use crate::pool::learn;
+use crate::resolve::Resolver;
 use crate::retry::{Cause, Decision};
 use crate::route::Router;
 use body::{End, OnEnd, RequestBody, ResponseBody};
@@ -75,12 +77,14 @@ impl Proxy {
         &self.metrics
     }
 
-    /// Starts the per-group tasks that close idle connections kaguard no longer trusts, and
-    /// with `[upstream.health_check]` a checker per server. Each ends when its group is gone.
-    pub fn spawn_reapers(&self) {
+    /// Starts the per-group tasks: the reaper that closes idle connections kaguard no longer
+    /// trusts, with `[upstream.health_check]` a checker per server, and for servers given by
+    /// name a task that resolves them again with `resolver`. Each ends when its group is gone.
+    pub fn spawn_tasks(&self, resolver: &Resolver) {
         for group in &self.groups {
             tokio::spawn(group::reap(Arc::downgrade(group)));
             check::spawn(group);
+            dns::spawn(group, resolver);
         }
     }
 

@@ -35,10 +35,12 @@ pub enum Reason {
     Error,
     /// kaguard is shutting down.
     Shutdown,
+    /// The server's address left its name's DNS answer: the connection is drained.
+    ServerRemoved,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 12] = [
+    pub const ALL: [Reason; 13] = [
         Reason::ReuseDisabled,
         Reason::ResponseIncomplete,
         Reason::UpstreamSaidClose,
@@ -51,6 +53,7 @@ impl Reason {
         Reason::ClosedByUpstream,
         Reason::Error,
         Reason::Shutdown,
+        Reason::ServerRemoved,
     ];
 
     /// The metric label; a contract pinned by tests.
@@ -68,6 +71,7 @@ impl Reason {
             Reason::ClosedByUpstream => "closed_by_upstream",
             Reason::Error => "error",
             Reason::Shutdown => "shutdown",
+            Reason::ServerRemoved => "server_removed",
         }
     }
 
@@ -84,6 +88,8 @@ impl Reason {
 pub struct Returning {
     pub response_complete: bool,
     pub upstream_keep_alive: bool,
+    /// The server left DNS while the request was out.
+    pub server_removed: bool,
 }
 
 /// When the question is asked.
@@ -126,6 +132,9 @@ pub fn decide(
         }
         if !returning.upstream_keep_alive {
             return Err(Reason::UpstreamSaidClose);
+        }
+        if returning.server_removed {
+            return Err(Reason::ServerRemoved);
         }
     }
     if conn.requests >= budget.max_requests {
@@ -175,6 +184,7 @@ mod tests {
     const DONE: Returning = Returning {
         response_complete: true,
         upstream_keep_alive: true,
+        server_removed: false,
     };
 
     #[test]
@@ -205,6 +215,14 @@ mod tests {
         assert_eq!(
             decide(&conn(now, 1), Moment::Checkin(close), &l, now),
             Err(Reason::UpstreamSaidClose)
+        );
+        let removed = Returning {
+            server_removed: true,
+            ..DONE
+        };
+        assert_eq!(
+            decide(&conn(now, 1), Moment::Checkin(removed), &l, now),
+            Err(Reason::ServerRemoved)
         );
         assert_eq!(
             decide(&conn(now, 3), Moment::Checkin(DONE), &l, now),
@@ -262,7 +280,8 @@ mod tests {
                 "pool_full",
                 "closed_by_upstream",
                 "error",
-                "shutdown"
+                "shutdown",
+                "server_removed",
             ]
         );
     }

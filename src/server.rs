@@ -13,6 +13,7 @@ use crate::config::{self, Config};
 use crate::downstream::{Downstream, Shutdown};
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
+use crate::resolve::{Resolver, System};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -38,6 +39,11 @@ pub struct Running {
 
 /// Binds everything and starts serving; returns once every listener is bound.
 pub async fn start(config: &Config) -> Result<Running, StartError> {
+    start_with(config, Arc::new(System)).await
+}
+
+/// [`start`], resolving servers given by name with `resolver` instead of the system's.
+pub async fn start_with(config: &Config, resolver: Resolver) -> Result<Running, StartError> {
     let mut listeners = Vec::with_capacity(config.listen.len());
     for addr in &config.listen {
         let listener = TcpListener::bind(addr)
@@ -75,7 +81,7 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
     };
     let shutdown = Arc::new(Shutdown::default());
     let proxy = Arc::new(Proxy::new(config, log, metrics.clone()));
-    proxy.spawn_reapers();
+    proxy.spawn_tasks(&resolver);
     let downstream = Arc::new(Downstream::new(
         &config.downstream,
         proxy.clone(),

@@ -276,9 +276,11 @@ async fn upstreams_lists_every_server_with_checks_off_when_the_group_has_none() 
         "upstream": "default",
         "balance": "round_robin",
         "servers": [
-            {"addr": addrs[0].to_string(), "weight": 1, "available": true, "in_flight": 0,
+            {"name": addrs[0].to_string(), "addr": addrs[0].to_string(), "draining": false,
+             "weight": 1, "available": true, "in_flight": 0,
              "active_check": "off", "failures": 0},
-            {"addr": addrs[1].to_string(), "weight": 1, "available": true, "in_flight": 0,
+            {"name": addrs[1].to_string(), "addr": addrs[1].to_string(), "draining": false,
+             "weight": 1, "available": true, "in_flight": 0,
              "active_check": "off", "failures": 0},
         ],
     }]);

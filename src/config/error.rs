@@ -376,7 +376,7 @@ mod tests {
                 format!("{MINIMAL}bogus = 1\n"),
                 "line 6, column 1: unknown field `bogus`, expected one of `name`, `servers`, `balance`, \
                  `max_fails`, `fail_timeout`, `keepalive`, `keepalive_timeout`, `keepalive_requests`, \
-                 `keepalive_time`, `connect_timeout`, `read_timeout`, `send_timeout`, `replay_buffer`, \
+                 `keepalive_time`, `resolve_interval`, `connect_timeout`, `read_timeout`, `send_timeout`, `replay_buffer`, \
                  `on_unretryable`, `guards`, `retry_budget`, `health_check`",
             ),
             (

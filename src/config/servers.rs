@@ -101,10 +101,10 @@ pub(super) fn servers(
             Some(text) => parse_duration(&text, FAIL_TIMEOUT_ZERO)
                 .map_err(|p| ConfigError::invalid(format!("{here}: fail_timeout"), p))?,
         };
-        let addr = resolve(&name).map_err(|p| ConfigError::invalid(at, p))?;
+        let addrs = resolve(&name).map_err(|p| ConfigError::invalid(at, p))?;
         servers.push(ServerConfig {
             name,
-            addr,
+            addrs,
             weight,
             max_fails: params.max_fails.unwrap_or(max_fails),
             fail_timeout,
@@ -179,10 +179,11 @@ fn table_params(
     Ok((name, here, params))
 }
 
-/// Resolves "host:port" once; the first address wins, as for any client calling `connect`.
-fn resolve(name: &str) -> Result<SocketAddr, Problem> {
+/// Resolves "host:port" at load: every address, each once, in the resolver's order. nginx
+/// too makes a server of each address a name has.
+fn resolve(name: &str) -> Result<Vec<SocketAddr>, Problem> {
     if let Ok(addr) = name.parse::<SocketAddr>() {
-        return Ok(addr);
+        return Ok(vec![addr]);
     }
     let has_port = name
         .rsplit_once(':')
@@ -194,10 +195,16 @@ fn resolve(name: &str) -> Result<SocketAddr, Problem> {
         name: name.to_owned(),
         reason,
     };
-    name.to_socket_addrs()
-        .map_err(|e| cannot(e.to_string()))?
-        .next()
-        .ok_or_else(|| cannot("no addresses".to_owned()))
+    let mut addrs: Vec<SocketAddr> = Vec::new();
+    for addr in name.to_socket_addrs().map_err(|e| cannot(e.to_string()))? {
+        if !addrs.contains(&addr) {
+            addrs.push(addr);
+        }
+    }
+    if addrs.is_empty() {
+        return Err(cannot("no addresses".to_owned()));
+    }
+    Ok(addrs)
 }
 
 /// A server as `to_toml` writes it: its name, then the parameters that differ from the
@@ -253,8 +260,8 @@ mod tests {
             ]
         );
         assert_eq!(
-            group.servers[3].addr,
-            "127.0.0.1:3003".parse().expect("literal")
+            group.servers[3].addrs,
+            ["127.0.0.1:3003".parse().expect("literal")]
         );
     }
 

@@ -70,12 +70,12 @@ fn minimal_file_gets_every_default() {
     );
     let server = ServerConfig {
         name: "127.0.0.1:3000".to_owned(),
-        addr: addr("127.0.0.1:3000"),
+        addrs: vec![addr("127.0.0.1:3000")],
         weight: 1,
         max_fails: 1,
         fail_timeout: Duration::from_secs(10),
     };
-    assert_eq!(server, ServerConfig::new("127.0.0.1:3000", server.addr));
+    assert_eq!(server, ServerConfig::new("127.0.0.1:3000", server.addrs[0]));
     assert_eq!(
         config.upstreams,
         [UpstreamGroupConfig {
@@ -89,6 +89,7 @@ fn minimal_file_gets_every_default() {
             keepalive_timeout: Duration::from_secs(1),
             keepalive_requests: 1000,
             keepalive_time: Duration::from_secs(3600),
+            resolve_interval: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
             read_timeout: Duration::from_secs(60),
             send_timeout: Duration::from_secs(60),
@@ -296,7 +297,10 @@ fn from_cli_makes_one_default_group_and_no_routes() {
     assert_eq!(config.listen, [addr("127.0.0.1:8080")]);
     assert_eq!(config.upstreams.len(), 1);
     assert_eq!(config.upstreams[0].name, "default");
-    assert_eq!(config.upstreams[0].servers[1].addr, addr("127.0.0.1:3001"));
+    assert_eq!(
+        config.upstreams[0].servers[1].addrs,
+        [addr("127.0.0.1:3001")]
+    );
     assert_eq!(
         config.upstreams[0].keepalive_timeout,
         Duration::from_secs(1)

@@ -234,6 +234,12 @@ fn upstream(index: usize, raw: RawUpstream) -> Result<UpstreamGroupConfig, Confi
             d.keepalive_time,
             UPSTREAM_REUSE_OFF,
         )?,
+        resolve_interval: duration(
+            &at("resolve_interval"),
+            raw.resolve_interval,
+            d.resolve_interval,
+            None,
+        )?,
         connect_timeout: duration(
             &at("connect_timeout"),
             raw.connect_timeout,

@@ -7,6 +7,7 @@ use super::*;
 const DONE: Returning = Returning {
     response_complete: true,
     upstream_keep_alive: true,
+    server_removed: false,
 };
 const MS: Duration = Duration::from_millis(1);
 const ALL: PoolGuards = PoolGuards {
@@ -123,6 +124,29 @@ fn connection_found_closed_at_checkout_is_skipped_and_teaches_the_idle_timeout()
         server: 0,
         idle_for: 59 * MS
     }));
+}
+
+#[test]
+fn removed_server_loses_its_idle_connections_and_a_new_one_in_its_slot_knows_nothing() {
+    let t0 = Instant::now();
+    let mut pool = pool(ALL);
+    pool.observe_close(&meta(9, 1, t0), 50 * MS, t0);
+    for (id, server) in [(1, 0), (2, 1), (3, 1)] {
+        pool.checkin(id, meta(id, server, t0), DONE, t0, keep);
+    }
+    let mut closed = vec![];
+    pool.remove_server(1, |c, _, r| closed.push((c, r)));
+    assert_eq!(
+        closed,
+        [(2, Reason::ServerRemoved), (3, Reason::ServerRemoved)]
+    );
+    assert_eq!(pool.idle(), 1);
+    assert!(pool.learned(1, t0).0.is_some());
+    pool.new_server(1);
+    assert_eq!(pool.learned(1, t0), (None, None));
+    // A slot past the ones the pool was made with.
+    pool.new_server(4);
+    assert_eq!(pool.learned(4, t0), (None, None));
 }
 
 #[test]
@@ -287,7 +311,7 @@ proptest! {
                         let mut m = got.meta;
                         m.requests += 1;
                         last_use.insert(got.conn, now);
-                        let r = Returning { response_complete: true, upstream_keep_alive: keep_alive };
+                        let r = Returning { upstream_keep_alive: keep_alive, ..DONE };
                         pool.checkin(got.conn, m, r, now, &mut closed);
                     }
                 }

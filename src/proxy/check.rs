@@ -70,6 +70,14 @@ fn exchange_text(err: &hyper::Error) -> String {
 
 /// Starts a checker per server of `group` when it has `[upstream.health_check]`.
 pub(super) fn spawn(group: &Arc<Group>) {
+    for server in 0..group.servers.len() {
+        spawn_one(group, server);
+    }
+}
+
+/// Starts a checker for slot `server` (a new address DNS gave it, or one from the start); it
+/// ends when the slot's address leaves the answer.
+pub(super) fn spawn_one(group: &Arc<Group>, server: usize) {
     let Some(cfg) = &group.health_check else {
         return;
     };
@@ -82,21 +90,17 @@ pub(super) fn spawn(group: &Arc<Group>) {
             return;
         }
     };
-    for server in 0..group.servers.len() {
-        tokio::spawn(check(
-            Arc::downgrade(group),
-            server,
-            cfg.clone(),
-            target.clone(),
-        ));
-    }
+    tokio::spawn(check(Arc::downgrade(group), server, cfg.clone(), target));
 }
 
 /// Checks `server` at once, then every `interval` (plus jitter) from the start of one check
-/// to the start of the next, until the group is gone. Checks of one server never overlap:
-/// `timeout` is below `interval`.
+/// to the start of the next, until the group is gone or the slot's address left DNS. Checks
+/// of one server never overlap: `timeout` is below `interval`.
 async fn check(group: Weak<Group>, server: usize, cfg: HealthCheckConfig, target: Uri) {
-    let Some(addr) = group.upgrade().map(|g| g.server_addr(server)) else {
+    let Some((addr, generation)) = group
+        .upgrade()
+        .map(|g| (g.server_addr(server), g.servers.generation(server)))
+    else {
         return;
     };
     loop {
@@ -104,6 +108,9 @@ async fn check(group: Weak<Group>, server: usize, cfg: HealthCheckConfig, target
         let outcome = probe(addr, &target, &cfg).await;
         // Not held across the probe, so a group that is gone is freed without waiting for it.
         let Some(g) = group.upgrade() else { return };
+        if !g.servers.listed(server) || g.servers.generation(server) != generation {
+            return;
+        }
         match g.server_checked(server, outcome.is_ok(), Instant::now()) {
             Some(false) => {
                 let reason = outcome.err().map(|e| e.to_string()).unwrap_or_default();

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
-use super::servers::Servers;
+use super::servers::{Servers, Update};
 use crate::config::{Guards, HealthCheckConfig, OnUnretryable, RetryBudget, UpstreamGroupConfig};
 use crate::error::{Failure, Transport};
 use crate::metrics::{Dropped, GroupMetrics, Metrics};
@@ -41,6 +41,8 @@ pub struct Group {
     pub guards: Guards,
     pub replay_buffer: usize,
     pub on_unretryable: OnUnretryable,
+    /// How often servers given by name are resolved again; zero: never.
+    pub resolve_interval: Duration,
     /// `[upstream.health_check]`, which the checkers of `proxy/check.rs` run.
     pub health_check: Option<HealthCheckConfig>,
     budget: RetryBudget,
@@ -58,7 +60,10 @@ type Closed = Vec<(UpstreamConn, ConnMeta, Reason)>;
 
 impl Group {
     pub fn new(cfg: &UpstreamGroupConfig, metrics: &Metrics) -> Group {
-        let names: Vec<String> = cfg.servers.iter().map(|s| s.addr.to_string()).collect();
+        let servers = Servers::new(cfg);
+        let names: Vec<String> = (0..servers.len())
+            .map(|i| servers.addr(i).to_string())
+            .collect();
         let limits = Limits {
             keepalive: cfg.keepalive,
             idle_timeout: cfg.keepalive_timeout,
@@ -75,14 +80,15 @@ impl Group {
         Group {
             name: cfg.name.clone(),
             reuse: cfg.keepalive > 0,
-            servers: Servers::new(cfg),
-            pool: Mutex::new(Pool::new(limits, guards, cfg.servers.len())),
+            pool: Mutex::new(Pool::new(limits, guards, servers.len())),
+            servers,
             read_timeout: cfg.read_timeout,
             send_timeout: cfg.send_timeout,
             connect_timeout: cfg.connect_timeout,
             guards: cfg.guards,
             replay_buffer: cfg.replay_buffer,
             on_unretryable: cfg.on_unretryable,
+            resolve_interval: cfg.resolve_interval,
             health_check: cfg.health_check.clone(),
             budget: cfg.retry_budget,
             in_flight: AtomicU64::new(0),
@@ -116,7 +122,7 @@ impl Group {
     /// `server` failed in a way that is its own fault (not a race kaguard absorbed, not the
     /// client's): it counts toward `max_fails`.
     pub fn server_failed(&self, server: usize, now: Instant) {
-        let m = &self.metrics.servers[server];
+        let m = &self.metrics.server(server);
         m.failures.inc();
         if self.servers.failed(server, now) {
             m.available.set(0);
@@ -127,7 +133,7 @@ impl Group {
     /// An active check of `server` passed or failed: it is counted, and when it changed the
     /// server's state the `available` gauge follows. Returns the new state then, `true` for up.
     pub fn server_checked(&self, server: usize, passed: bool, now: Instant) -> Option<bool> {
-        let m = &self.metrics.servers[server];
+        let m = &self.metrics.server(server);
         m.check(passed).inc();
         let changed = self.servers.checked(server, passed);
         if changed.is_some() {
@@ -167,7 +173,8 @@ impl Group {
     fn report(&self, event: Event) {
         match event {
             Event::UpstreamClosedIdle { server, idle_for } => {
-                self.metrics.servers[server]
+                self.metrics
+                    .server(server)
                     .closed_idle_age
                     .observe(idle_for.as_secs_f64());
             }
@@ -175,7 +182,8 @@ impl Group {
                 server,
                 change: Change::IdleTimeout { observed, budget },
             } => {
-                self.metrics.servers[server]
+                self.metrics
+                    .server(server)
                     .learned_idle_budget
                     .set(budget.as_secs_f64());
                 tracing::warn!(
@@ -190,7 +198,8 @@ impl Group {
                 server,
                 change: Change::RequestCap { observed, cap },
             } => {
-                self.metrics.servers[server]
+                self.metrics
+                    .server(server)
                     .learned_request_cap
                     .set(cap as i64);
                 tracing::warn!(
@@ -203,7 +212,7 @@ impl Group {
     }
 
     fn count_close(&self, meta: &ConnMeta, reason: Reason) {
-        self.metrics.servers[meta.server].closed(reason).inc();
+        self.metrics.server(meta.server).closed(reason).inc();
         tracing::debug!(upstream = %self.servers.addr(meta.server), conn = meta.id, reason = reason.as_str(), "closing upstream connection");
     }
 
@@ -211,7 +220,7 @@ impl Group {
     /// `check_before_reuse` guard a non-blocking look at the socket itself, which sees a FIN
     /// or RST the moment the kernel has it, before hyper's task has run.
     fn liveness(&self, conn: &UpstreamConn, server: usize, now: Instant, peek: bool) -> Liveness {
-        let metrics = &self.metrics.servers[server];
+        let metrics = &self.metrics.server(server);
         if conn.is_closed() {
             metrics.dropped(Dropped::Closed).inc();
             return Liveness::Closed {
@@ -251,14 +260,14 @@ impl Group {
                 |c, m, r| closed.push((c, m, r)),
             )
         })?;
-        self.metrics.servers[server].reused.inc();
+        self.metrics.server(server).reused.inc();
         Some(self.lease(reused.conn, reused.meta, true, reused.idle_for))
     }
 
     /// Opens a new connection to `server`.
     pub async fn connect(self: &Arc<Self>, server: usize) -> Result<Lease, Failure> {
         let addr = self.servers.addr(server);
-        let metrics = &self.metrics.servers[server];
+        let metrics = &self.metrics.server(server);
         match UpstreamConn::connect(addr, self.connect_timeout).await {
             Ok(conn) => {
                 metrics.opened.inc();
@@ -294,6 +303,32 @@ impl Group {
             group: self.clone(),
             request_body_done: None,
         }
+    }
+
+    /// The configured server `entry` resolved to `addrs` (see [`Servers::update`]): slots whose
+    /// address left drain (idle connections close now, the others when their request ends),
+    /// slots for new addresses start afresh. Returns what changed.
+    pub fn resolved(&self, entry: usize, addrs: &[SocketAddr]) -> Update {
+        let update = self.servers.update(entry, addrs);
+        for &server in &update.removed {
+            self.metrics.server(server).available.set(0);
+            let addr = self.servers.addr(server);
+            tracing::warn!(upstream = %addr, "{} no longer resolves to {addr}; draining it", self.servers.name(server));
+        }
+        for &server in &update.added {
+            let addr = self.servers.addr(server);
+            self.metrics.set_server(server, &addr.to_string());
+            tracing::warn!(upstream = %addr, "{} now resolves to {addr}", self.servers.name(server));
+        }
+        self.with_pool(|pool, closed| {
+            for &server in &update.removed {
+                pool.remove_server(server, |c, m, r| closed.push((c, m, r)));
+            }
+            for &server in &update.added {
+                pool.new_server(server);
+            }
+        });
+        update
     }
 
     /// Closes every idle connection.
@@ -385,11 +420,13 @@ pub async fn reap(group: Weak<Group>) {
                 );
                 for server in 0..group.servers.len() {
                     let available = group.servers.available(server, now);
-                    group.metrics.servers[server]
+                    group
+                        .metrics
+                        .server(server)
                         .available
                         .set(i64::from(available));
                     let (idle, cap) = pool.learned(server, now);
-                    let m = &group.metrics.servers[server];
+                    let m = &group.metrics.server(server);
                     m.learned_idle_budget
                         .set(idle.map_or(0.0, |d| d.as_secs_f64()));
                     m.learned_request_cap.set(cap.map_or(0, |c| c as i64));
@@ -449,6 +486,7 @@ impl Lease {
         let returning = Returning {
             response_complete: response_complete && !self.failed && body_sent,
             upstream_keep_alive: upstream_keep_alive && !conn.is_closed(),
+            server_removed: !self.group.servers.listed(self.meta.server),
         };
         let meta = self.meta;
         let expiry = self.group.with_pool(|pool, closed| {

@@ -42,7 +42,12 @@ pub struct Kaguard {
 static LOG_SERIAL: AtomicU64 = AtomicU64::new(0);
 
 /// Starts kaguard with `config`, an admin listener and an access log in a temp file.
-pub async fn start(mut config: Config) -> Kaguard {
+pub async fn start(config: Config) -> Kaguard {
+    start_with(config, std::sync::Arc::new(kaguard::resolve::System)).await
+}
+
+/// [`start`], with server names resolved by `resolver`.
+pub async fn start_with(mut config: Config, resolver: kaguard::resolve::Resolver) -> Kaguard {
     let log = std::env::temp_dir().join(format!(
         "kaguard-test-{}-{}.log",
         std::process::id(),
@@ -51,7 +56,7 @@ pub async fn start(mut config: Config) -> Kaguard {
     let _ = std::fs::remove_file(&log);
     config.access_log = AccessLog::File(log.clone());
     config.admin = Some("127.0.0.1:0".parse().unwrap());
-    let running = kaguard::server::start(&config)
+    let running = kaguard::server::start_with(&config, resolver)
         .await
         .expect("kaguard starts");
     Kaguard {
