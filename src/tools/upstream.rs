@@ -20,6 +20,11 @@
 //! proxy can tell which upstream connection served it. Non-echo responses also carry
 //! `x-body-bytes`, the request body length read before answering.
 //!
+//! It stops in one of two ways, because proxies meet both: [`TestUpstream::shutdown`] closes every
+//! connection at once, as a crash or a kill does; [`TestUpstream::drain`] stops as app servers do
+//! on a graceful stop (Node's `server.close()` with `closeIdleConnections()`, Gunicorn's graceful
+//! timeout, Tomcat's connector stop), so that a rolling restart can be tested as deployed.
+//!
 //! Files: `conn` drives one TCP connection and decides when it closes; `respond` turns one request
 //! into a response; `body` streams response bodies; `cli` is the subcommand.
 
@@ -51,6 +56,13 @@ const SEEN_CAPACITY: usize = 64;
 /// How long [`TestUpstream::shutdown`] waits for connections to finish closing. Closing is a
 /// drop and takes microseconds; the bound only guards against a task that never yields.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(1);
+
+/// How long [`TestUpstream::drain`] lets requests in flight finish before closing what is left.
+/// Real servers allow their handlers tens of seconds (Gunicorn's `graceful_timeout` is 30 s); the
+/// handlers here only wait out a `delay`, which tests and reproducers keep to hundreds of
+/// milliseconds, so 5 s is ample on a loaded 2-core machine, yet a client that never finishes
+/// its request holds a test or a Ctrl-C for only that long.
+pub const DRAIN_WAIT: Duration = Duration::from_secs(5);
 
 /// Pause after a failed accept (e.g. out of file descriptors), so the loop does not spin on an
 /// error that persists until some connection closes.
@@ -192,12 +204,36 @@ pub struct SeenRequest {
     pub request_on_connection: u64,
 }
 
+/// What a graceful stop had to do: a test reads it to know that the stop met requests in flight
+/// and idle connections, rather than an idle server.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Drained {
+    /// Idle keep-alive connections closed with FIN as the stop began.
+    pub idle_closed: u64,
+    /// Responses built during the stop, each with `Connection: close`: requests whose bytes had
+    /// begun to arrive or whose handler was running. (A response already on its way when the stop
+    /// began is not counted; its connection closes after it.)
+    pub answered: u64,
+    /// Connections still open when the wait ran out, closed without an answer.
+    pub cut_off: u64,
+}
+
 /// A running test upstream. Dropping it stops it too, without waiting.
 pub struct TestUpstream {
     addr: SocketAddr,
     shared: Arc<Shared>,
-    stop: watch::Sender<bool>,
+    stop: watch::Sender<Stop>,
     accept: JoinHandle<()>,
+}
+
+/// What the accept loop and every connection are told; it only moves forward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stop {
+    Serving,
+    /// Accept nothing more, close idle connections, finish the requests already started.
+    Draining,
+    /// Close every connection at once. Also what a dropped handle means.
+    Now,
 }
 
 impl TestUpstream {
@@ -209,9 +245,11 @@ impl TestUpstream {
             behaviour: Mutex::new(behaviour),
             connections: AtomicU64::new(0),
             requests: AtomicU64::new(0),
+            handling: AtomicU64::new(0),
             seen: Mutex::new(VecDeque::with_capacity(SEEN_CAPACITY)),
+            drained: DrainCounts::default(),
         });
-        let (stop, stopped) = watch::channel(false);
+        let (stop, stopped) = watch::channel(Stop::Serving);
         let accept = tokio::spawn(accept_loop(listener, shared.clone(), stopped));
         Ok(TestUpstream {
             addr,
@@ -235,6 +273,13 @@ impl TestUpstream {
         self.shared.requests.load(Ordering::SeqCst)
     }
 
+    /// Requests whose handler is running: head received, response not yet built (reading the
+    /// body, or waiting out a `delay`). A test waits for one before a stop that must meet a
+    /// request in flight.
+    pub fn handling(&self) -> u64 {
+        self.shared.handling.load(Ordering::SeqCst)
+    }
+
     /// The last 64 request heads received, oldest first.
     pub fn seen(&self) -> Vec<SeenRequest> {
         lock(&self.shared.seen).iter().cloned().collect()
@@ -249,15 +294,53 @@ impl TestUpstream {
     /// about a second).
     pub async fn shutdown(self) {
         // An error only means every receiver is gone, i.e. everything has stopped already.
-        let _ = self.stop.send(true);
-        let mut accept = self.accept;
-        // The accept loop itself gives connections SHUTDOWN_WAIT; this bound is the backstop.
-        if tokio::time::timeout(SHUTDOWN_WAIT * 2, &mut accept)
-            .await
-            .is_err()
-        {
-            accept.abort();
+        let _ = self.stop.send(Stop::Now);
+        finish(self.accept).await;
+    }
+
+    /// Stops gracefully, waiting at most [`DRAIN_WAIT`] for requests in flight.
+    ///
+    /// A proxy in front of a graceful server sees what it sees in a rolling restart: new connects
+    /// refused at once, idle keep-alive connections closed with FIN at once (the keep-alive race,
+    /// for a request the proxy is writing at that moment), and every request the server had
+    /// started to receive answered with `Connection: close` before its connection closes.
+    pub async fn drain(self) -> Drained {
+        self.drain_within(DRAIN_WAIT).await
+    }
+
+    /// [`TestUpstream::drain`] with another bound: after `wait`, the connections still open
+    /// are closed with FIN as [`TestUpstream::shutdown`] closes them, their requests unanswered
+    /// (as Gunicorn kills the workers that outlive its graceful timeout).
+    pub async fn drain_within(self, wait: Duration) -> Drained {
+        let TestUpstream {
+            stop,
+            accept,
+            shared,
+            ..
+        } = self;
+        let _ = stop.send(Stop::Draining);
+        let mut accept = accept;
+        // The accept loop ends once the last connection has closed by itself.
+        if tokio::time::timeout(wait, &mut accept).await.is_err() {
+            tracing::debug!(
+                ?wait,
+                "requests still in flight after the drain wait, closing"
+            );
+            let _ = stop.send(Stop::Now);
+            finish(accept).await;
         }
+        shared.drained.snapshot()
+    }
+}
+
+/// Waits for an accept loop told to stop now.
+async fn finish(mut accept: JoinHandle<()>) {
+    // The accept loop itself gives connections SHUTDOWN_WAIT; this bound is the backstop.
+    if tokio::time::timeout(SHUTDOWN_WAIT * 2, &mut accept)
+        .await
+        .is_err()
+    {
+        accept.abort();
     }
 }
 
@@ -266,7 +349,27 @@ struct Shared {
     behaviour: Mutex<Behaviour>,
     connections: AtomicU64,
     requests: AtomicU64,
+    handling: AtomicU64,
     seen: Mutex<VecDeque<SeenRequest>>,
+    drained: DrainCounts,
+}
+
+/// [`Drained`], counted by the connections as they go.
+#[derive(Default)]
+struct DrainCounts {
+    idle_closed: AtomicU64,
+    answered: AtomicU64,
+    cut_off: AtomicU64,
+}
+
+impl DrainCounts {
+    fn snapshot(&self) -> Drained {
+        Drained {
+            idle_closed: self.idle_closed.load(Ordering::SeqCst),
+            answered: self.answered.load(Ordering::SeqCst),
+            cut_off: self.cut_off.load(Ordering::SeqCst),
+        }
+    }
 }
 
 impl Shared {
@@ -300,18 +403,23 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Resolves once the upstream is told to stop or its handle is dropped.
-async fn stopped(stop: &mut watch::Receiver<bool>) {
+/// Resolves once the upstream is told to stop now or its handle is dropped.
+async fn stopped(stop: &mut watch::Receiver<Stop>) {
     // Err means the sender is gone, which is a stop too.
-    let _ = stop.wait_for(|stop| *stop).await;
+    let _ = stop.wait_for(|stop| *stop == Stop::Now).await;
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+/// Resolves once the upstream is told to stop in any way (draining or now).
+async fn stopping(stop: &mut watch::Receiver<Stop>) {
+    let _ = stop.wait_for(|stop| *stop != Stop::Serving).await;
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<Stop>) {
     let mut conns = JoinSet::new();
     loop {
         tokio::select! {
             biased;
-            () = stopped(&mut stop) => break,
+            () = stopping(&mut stop) => break,
             // Reap finished connections so the set does not grow for the life of the server.
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             accepted = listener.accept() => match accepted {
@@ -327,10 +435,22 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch
             },
         }
     }
+    // Connects are refused from here on, and connections still in the backlog are reset.
     drop(listener);
+    // Draining: every connection closes by itself once its request is answered; the handle
+    // bounds that wait by telling them to stop now.
+    loop {
+        tokio::select! {
+            biased;
+            () = stopped(&mut stop) => break,
+            joined = conns.join_next() => if joined.is_none() {
+                return;
+            },
+        }
+    }
     // Every connection watches the same stop signal and closes at once.
-    let drained = async { while conns.join_next().await.is_some() {} };
-    if tokio::time::timeout(SHUTDOWN_WAIT, drained).await.is_err() {
+    let closed = async { while conns.join_next().await.is_some() {} };
+    if tokio::time::timeout(SHUTDOWN_WAIT, closed).await.is_err() {
         conns.abort_all();
     }
 }

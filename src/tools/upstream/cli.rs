@@ -1,4 +1,5 @@
-//! The `kaguard upstream` subcommand: flags -> [`Behaviour`], then serve until Ctrl-C.
+//! The `kaguard upstream` subcommand: flags -> [`Behaviour`], then serve until Ctrl-C, and stop
+//! as an app server stops on its first signal: gracefully.
 
 use std::io::{self, Write};
 use std::net::SocketAddr;
@@ -131,7 +132,7 @@ impl UpstreamArgs {
     }
 }
 
-/// Serves until Ctrl-C, then prints the final counts.
+/// Serves until Ctrl-C, then drains (a second Ctrl-C stops at once) and prints the final counts.
 pub async fn run(args: UpstreamArgs) -> io::Result<()> {
     let behaviour = args.behaviour();
     let upstream = TestUpstream::start(args.listen, behaviour.clone()).await?;
@@ -167,8 +168,24 @@ pub async fn run(args: UpstreamArgs) -> io::Result<()> {
         }
     }
     let last = counts(&upstream);
-    upstream.shutdown().await;
-    say(&last)
+    say(
+        "stopping gracefully: new connections refused, idle ones closed, requests in flight \
+         answered with Connection: close (Ctrl-C again to close everything now)",
+    )?;
+    tokio::select! {
+        drained = upstream.drain() => {
+            say(&last)?;
+            say(&format!(
+                "drained: idle_closed={} answered={} cut_off={}",
+                drained.idle_closed, drained.answered, drained.cut_off
+            ))
+        }
+        interrupted = tokio::signal::ctrl_c() => {
+            interrupted?;
+            // Dropping the drain drops the handle, which closes every connection at once.
+            say(&last)
+        }
+    }
 }
 
 /// One line to stdout; an error (e.g. a closed pipe) is returned rather than panicking.

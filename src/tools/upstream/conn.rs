@@ -4,9 +4,14 @@
 //! socket is wrapped in [`ActivityIo`], which tells [`Activity`] when request bytes arrive and
 //! when a response has been flushed, and [`serve`] races hyper's connection future against the
 //! idle deadline and against close requests, then drops the connection with FIN or RST.
+//!
+//! A graceful stop (draining) is decided here too, from the same phases: hyper's own
+//! `graceful_shutdown` treats a connection whose request head has only partly arrived as idle and
+//! closes it, while a graceful app server answers that request.
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
@@ -19,7 +24,7 @@ use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 use super::respond::Handler;
-use super::{Behaviour, Shared, lock, stopped};
+use super::{Behaviour, Shared, Stop, lock, stopped, stopping};
 
 /// How a connection is closed by this side.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,6 +53,8 @@ pub(super) enum CloseReason {
     Requested,
     /// The test upstream is stopping.
     Shutdown,
+    /// The test upstream is stopping gracefully and this connection has no request to finish.
+    Drain,
 }
 
 /// Where the connection is in its request/response cycle, as seen from the socket.
@@ -69,6 +76,8 @@ struct State {
     phase: Phase,
     idle_timeout: Option<Duration>,
     mode: CloseMode,
+    /// The upstream is stopping gracefully: the response being prepared is the last one.
+    draining: bool,
 }
 
 /// What [`serve`] should do next.
@@ -94,6 +103,7 @@ impl Activity {
                 phase: Phase::Idle { since: now },
                 idle_timeout: behaviour.idle_timeout,
                 mode: CloseMode::of(behaviour),
+                draining: false,
             }),
             changed: Notify::new(),
         }
@@ -134,9 +144,20 @@ impl Activity {
         let mut state = lock(&self.state);
         if let Phase::Written { last, next_started } = state.phase {
             state.phase = if last {
-                Phase::Closing(state.mode, CloseReason::LastResponse)
+                // RST could destroy the answer a graceful stop just wrote before it is read.
+                let mode = if state.draining {
+                    CloseMode::Fin
+                } else {
+                    state.mode
+                };
+                Phase::Closing(mode, CloseReason::LastResponse)
             } else if next_started {
+                // Pipelined: the next request has begun to arrive, and is answered even when
+                // draining (then with `Connection: close`).
                 Phase::Busy
+            } else if state.draining {
+                // A response whose head went out before the drain began; nothing else to finish.
+                Phase::Closing(CloseMode::Fin, CloseReason::Drain)
             } else {
                 Phase::Idle {
                     since: Instant::now(),
@@ -150,6 +171,27 @@ impl Activity {
     pub(super) fn close_now(&self, mode: CloseMode, reason: CloseReason) {
         lock(&self.state).phase = Phase::Closing(mode, reason);
         self.changed.notify_one();
+    }
+
+    /// The upstream began a graceful stop. An idle connection closes now, with FIN whatever the
+    /// behaviour, since a graceful server has no reason to reset; one with part of a request
+    /// received, a handler running or a response being written carries on and closes after its
+    /// response, since its client is owed that answer. Returns whether it was idle.
+    fn drain(&self) -> bool {
+        let mut state = lock(&self.state);
+        state.draining = true;
+        if !matches!(state.phase, Phase::Idle { .. }) {
+            return false;
+        }
+        state.phase = Phase::Closing(CloseMode::Fin, CloseReason::Drain);
+        drop(state);
+        self.changed.notify_one();
+        true
+    }
+
+    /// Whether the response being prepared must be the connection's last.
+    pub(super) fn draining(&self) -> bool {
+        lock(&self.state).draining
     }
 
     fn closing(&self) -> bool {
@@ -249,7 +291,7 @@ pub(super) async fn serve(
     stream: TcpStream,
     serial: u64,
     shared: Arc<Shared>,
-    mut stop: watch::Receiver<bool>,
+    mut stop: watch::Receiver<Stop>,
 ) {
     // Small responses must leave at once: Nagle's algorithm would hold one back behind the
     // client's delayed ACK (40 ms on Linux) and blur every timing a race test measures.
@@ -270,7 +312,7 @@ pub(super) async fn serve(
         stream,
         activity: activity.clone(),
     };
-    let handler = Handler::new(serial, shared, activity.clone());
+    let handler = Handler::new(serial, shared.clone(), activity.clone());
     let mut builder = hyper::server::conn::http1::Builder::new();
     // Idle closing is ours (see the module comment); hyper's timer would close with FIN at an
     // inexact moment.
@@ -278,6 +320,9 @@ pub(super) async fn serve(
     // Boxed so that it can be dropped before `socket`, at a moment chosen below.
     let mut conn = Box::pin(builder.serve_connection(TokioIo::new(io), handler));
 
+    // Two receivers of the same signal, since `select!` polls both waits at once.
+    let mut drain = stop.clone();
+    let mut draining = false;
     let close = loop {
         let deadline = match activity.next(Instant::now()) {
             Next::Close(mode, reason) => break Some((mode, reason)),
@@ -293,7 +338,20 @@ pub(super) async fn serve(
         };
         tokio::select! {
             biased;
-            () = stopped(&mut stop) => break Some((CloseMode::Fin, CloseReason::Shutdown)),
+            () = stopped(&mut stop) => {
+                if draining {
+                    shared.drained.cut_off.fetch_add(1, Ordering::SeqCst);
+                }
+                break Some((CloseMode::Fin, CloseReason::Shutdown));
+            }
+            // Marked from this task, between two polls of hyper's connection: a response is
+            // either already on its way or not yet built, and then sees the mark.
+            () = stopping(&mut drain), if !draining => {
+                draining = true;
+                if activity.drain() {
+                    shared.drained.idle_closed.fetch_add(1, Ordering::SeqCst);
+                }
+            }
             result = conn.as_mut() => {
                 if let Err(error) = result {
                     tracing::debug!(conn = serial, %error, "connection failed");

@@ -68,6 +68,7 @@ impl hyper::service::Service<Request<Incoming>> for Handler {
             connection: self.connection,
             request_on_connection: number,
         });
+        self.shared.handling.fetch_add(1, Ordering::SeqCst);
         let exchange = Exchange {
             connection: self.connection,
             request: number,
@@ -150,6 +151,14 @@ struct Exchange {
     activity: Arc<Activity>,
 }
 
+/// Counted in [`Shared`]'s `handling` from `Handler::call`; the handler's future owns the
+/// exchange, so this runs when it has built its response or was dropped with its connection.
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        self.shared.handling.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 impl Exchange {
     async fn respond(
         self,
@@ -219,6 +228,9 @@ impl Exchange {
     }
 
     /// `status` None: the behaviour's status is invalid, answered with 500.
+    ///
+    /// During a graceful stop every response is the last and says so, whatever the behaviour:
+    /// the client must not reuse a connection that is about to close.
     fn response(
         &self,
         status: Option<StatusCode>,
@@ -227,6 +239,11 @@ impl Exchange {
         last: bool,
         behaviour: &Behaviour,
     ) -> Response<ResponseBody> {
+        let draining = self.activity.draining();
+        if draining {
+            self.shared.drained.answered.fetch_add(1, Ordering::SeqCst);
+        }
+        let last = last || draining;
         let length = source.length();
         let body = ResponseBody::new(source, self.activity.clone(), last);
         let mut response = Response::new(body);
@@ -240,7 +257,7 @@ impl Exchange {
         if let Some(length) = length {
             headers.insert(CONTENT_LENGTH, HeaderValue::from(length));
         }
-        if last && behaviour.announce_last {
+        if draining || (last && behaviour.announce_last) {
             headers.insert(CONNECTION, HeaderValue::from_static("close"));
         } else if let Some(hint) = keep_alive_hint(behaviour, self.request) {
             headers.insert(KEEP_ALIVE, hint);

@@ -523,3 +523,135 @@ async fn shutdown_closes_open_connections_and_stops_listening() {
     assert_eq!(client.next_read().await.expect("FIN"), 0);
     assert!(TcpStream::connect(addr).await.is_err());
 }
+
+/// Retries of a connect that may still reach the listener in the instant before the accept loop
+/// has seen the stop; a few suffice, the rest is margin for a loaded machine.
+const CONNECT_TRIES: usize = 100;
+
+/// Whether a connect to `addr` is refused within [`CONNECT_TRIES`] attempts 10 ms apart.
+async fn refused_soon(addr: SocketAddr) -> bool {
+    for _ in 0..CONNECT_TRIES {
+        if TcpStream::connect(addr).await.is_err() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn drain_closes_idle_connections_refuses_new_ones_and_answers_requests_in_flight() {
+    // RST mode and no idle timeout: every close seen below is the drain's, and graceful (FIN).
+    let upstream = start(Behaviour {
+        idle_timeout: None,
+        close_with_rst: true,
+        ..Behaviour::default()
+    })
+    .await;
+    let addr = upstream.addr();
+    let mut idle = RawClient::connect(addr).await;
+    assert_eq!(idle.get("/").await.header("connection"), None);
+    // Slow enough to be in flight long after the idle connection is closed, on any machine.
+    let mut slow = RawClient::connect(addr).await;
+    slow.send(b"GET /slow?delay=2s HTTP/1.1\r\nHost: u\r\n\r\n")
+        .await;
+    let mut partial = RawClient::connect(addr).await;
+    partial.send(b"GET /partial HTTP/1.1\r\nHost: u\r\n").await;
+    for _ in 0..500 {
+        if upstream.requests() == 2 && upstream.connections() == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!((upstream.connections(), upstream.requests()), (3, 2));
+    assert_eq!(upstream.handling(), 1, "the slow request");
+    // The partial head is not observable; its bytes are read as soon as its task runs.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let draining = tokio::spawn(upstream.drain());
+    assert_eq!(idle.next_read().await.expect("FIN, not RST"), 0);
+    let mut byte = [0; 1];
+    let pending = slow.read.try_read(&mut byte);
+    assert!(
+        matches!(&pending, Err(e) if e.kind() == io::ErrorKind::WouldBlock),
+        "the slow request should still be in flight when the idle connection closes: {pending:?}"
+    );
+    assert!(refused_soon(addr).await, "still accepting while draining");
+
+    partial.send(b"\r\n").await;
+    let answer = partial.response().await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.header("connection"), Some("close"));
+    assert_eq!(partial.next_read().await.expect("FIN"), 0);
+
+    let answer = slow.response().await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.header("connection"), Some("close"));
+    assert_eq!(slow.next_read().await.expect("FIN"), 0);
+
+    let drained = timeout(PATIENCE, draining)
+        .await
+        .expect("drain ends once the requests are answered")
+        .expect("drain task");
+    assert_eq!(
+        drained,
+        Drained {
+            idle_closed: 1,
+            answered: 2,
+            cut_off: 0
+        }
+    );
+}
+
+#[tokio::test]
+async fn drain_cuts_off_what_is_left_when_its_wait_runs_out() {
+    let upstream = start(Behaviour {
+        idle_timeout: None,
+        ..Behaviour::default()
+    })
+    .await;
+    let mut stuck = RawClient::connect(upstream.addr()).await;
+    stuck
+        .send(b"GET /stuck?delay=60s HTTP/1.1\r\nHost: u\r\n\r\n")
+        .await;
+    for _ in 0..500 {
+        if upstream.requests() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(upstream.requests(), 1);
+    let began = Instant::now();
+    let drained = timeout(PATIENCE, upstream.drain_within(Duration::from_millis(300)))
+        .await
+        .expect("the wait bounds the drain");
+    assert!(began.elapsed() >= Duration::from_millis(300));
+    assert_eq!(
+        drained,
+        Drained {
+            idle_closed: 0,
+            answered: 0,
+            cut_off: 1
+        }
+    );
+    assert_eq!(stuck.next_read().await.expect("FIN, no answer"), 0);
+}
+
+#[tokio::test]
+async fn drain_of_an_idle_server_returns_at_once_and_frees_the_port() {
+    let upstream = start(Behaviour::default()).await;
+    let addr = upstream.addr();
+    let mut client = RawClient::connect(addr).await;
+    client.get("/").await;
+    let drained = timeout(PATIENCE, upstream.drain())
+        .await
+        .expect("nothing to wait for");
+    assert_eq!(drained.idle_closed, 1);
+    assert_eq!(client.next_read().await.expect("FIN"), 0);
+    // A rolling restart starts the new server on the same port.
+    let again = TestUpstream::start(addr, Behaviour::default())
+        .await
+        .expect("the port is free again");
+    assert_eq!(RawClient::connect(addr).await.get("/").await.status, 200);
+    again.shutdown().await;
+}
