@@ -89,6 +89,9 @@ pub enum Liveness {
     /// The upstream closed it, at about this instant.
     Closed {
         at: Instant,
+        /// `at` is when the connection's own reader saw the close; otherwise it is only when
+        /// someone looked and found it closed.
+        exact: bool,
     },
 }
 
@@ -212,8 +215,9 @@ impl<C> Pool<C> {
         }
     }
 
-    /// Records that the upstream closed a connection `idle_for` after its last response.
-    pub fn observe_close(&mut self, meta: &ConnMeta, idle_for: Duration, now: Instant) {
+    /// Records that the upstream closed a connection `idle_for` after its last response, at
+    /// `at` (`exact`: as its reader saw it, not as someone looking found it).
+    pub fn observe_close(&mut self, meta: &ConnMeta, idle_for: Duration, at: Instant, exact: bool) {
         if idle_for >= learn::CAP_CLOSE_WINDOW {
             self.events.push(Event::UpstreamClosedIdle {
                 server: meta.server,
@@ -223,7 +227,8 @@ impl<C> Pool<C> {
         if !self.guards.learn {
             return;
         }
-        if let Some(change) = self.learners[meta.server].observe_close(idle_for, meta.requests, now)
+        if let Some(change) =
+            self.learners[meta.server].observe_close(idle_for, meta.requests, at, exact)
         {
             self.events.push(Event::Learned {
                 server: meta.server,
@@ -235,15 +240,11 @@ impl<C> Pool<C> {
     /// Learns from a close seen while a connection sat idle since `since`. A close from before
     /// it was pooled (hyper had read a response delimited by the close) says nothing about
     /// the upstream's idle timeout or request cap.
-    fn learn_from_close(
-        &mut self,
-        meta: &ConnMeta,
-        since: Instant,
-        closed_at: Instant,
-        now: Instant,
-    ) {
-        if closed_at > since {
-            self.observe_close(meta, closed_at - since, now);
+    fn learn_from_close(&mut self, meta: &ConnMeta, since: Instant, closed: Liveness) {
+        if let Liveness::Closed { at, exact } = closed
+            && at > since
+        {
+            self.observe_close(meta, at - since, at, exact);
         }
     }
 
@@ -296,8 +297,8 @@ impl<C> Pool<C> {
                         idle_for,
                     });
                 }
-                Liveness::Closed { at: closed_at } => {
-                    self.learn_from_close(&entry.meta, entry.since, closed_at, now);
+                closed_now @ Liveness::Closed { .. } => {
+                    self.learn_from_close(&entry.meta, entry.since, closed_now);
                     closed(entry.conn, entry.meta, Reason::ClosedByUpstream);
                 }
             }
@@ -345,8 +346,8 @@ impl<C> Pool<C> {
         let idle = std::mem::take(&mut self.idle);
         for entry in idle {
             let budget = self.reaper_budget(&entry.meta, now);
-            if let Liveness::Closed { at } = alive(&entry.conn) {
-                self.learn_from_close(&entry.meta, entry.since, at, now);
+            if let closed_now @ Liveness::Closed { .. } = alive(&entry.conn) {
+                self.learn_from_close(&entry.meta, entry.since, closed_now);
                 closed(entry.conn, entry.meta, Reason::ClosedByUpstream);
                 continue;
             }

@@ -175,3 +175,57 @@ async fn servers_are_used_round_robin() {
     assert_eq!(b.requests(), 5);
     assert_eq!(a.connections() + b.connections(), 2);
 }
+
+/// A restart closes every idle connection at once, at whatever idle age each had; learning
+/// from that would cap reuse at the youngest age for ten minutes.
+#[tokio::test]
+async fn a_restart_that_closes_every_idle_connection_teaches_nothing() {
+    let slow = Behaviour {
+        delay: Duration::from_millis(100),
+        idle_timeout: None,
+        ..Behaviour::default()
+    };
+    let up = upstream(slow.clone()).await;
+    let addr = up.addr();
+    let mut cfg = config(&[addr]);
+    cfg.upstreams[0].keepalive_timeout = Duration::from_secs(5);
+    let kg = start(cfg).await;
+    // Three requests at once open three upstream connections.
+    let kg_addr = kg.addr;
+    let tasks: Vec<_> = (0..3)
+        .map(|_| tokio::spawn(async move { get(kg_addr, "/").await.status() }))
+        .collect();
+    for task in tasks {
+        assert_eq!(task.await.unwrap(), 200);
+    }
+    assert_eq!(up.connections(), 3);
+    // One of them is used again later, so the three sit idle for different times.
+    up.set_behaviour(Behaviour {
+        delay: Duration::ZERO,
+        ..slow.clone()
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(get(kg.addr, "/").await.status(), 200);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    up.shutdown().await;
+    // The reaper sees the closes within its sweep gap.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let up = kaguard::tools::upstream::TestUpstream::start(addr, Behaviour::default())
+        .await
+        .expect("restart on the same port");
+    assert_eq!(get(kg.addr, "/").await.status(), 200);
+    let budget = format!(
+        r#"kaguard_upstream_learned_idle_budget_seconds{{upstream="default",server="{addr}"}}"#
+    );
+    let metrics = kg.metrics().await;
+    assert_eq!(
+        kg.metric(&budget).await,
+        0.0,
+        "a restart taught a budget: {metrics}"
+    );
+    let closed = format!(
+        r#"kaguard_upstream_connections_closed_total{{upstream="default",server="{addr}",reason="closed_by_upstream"}}"#
+    );
+    assert_eq!(kg.metric(&closed).await, 3.0, "{metrics}");
+    drop(up);
+}

@@ -103,7 +103,10 @@ fn connection_found_closed_at_checkout_is_skipped_and_teaches_the_idle_timeout()
     let mut closed = vec![];
     let dead_two = |c: &u64| {
         if *c == 2 {
-            Liveness::Closed { at: now }
+            Liveness::Closed {
+                at: now,
+                exact: false,
+            }
         } else {
             Liveness::Alive
         }
@@ -130,7 +133,7 @@ fn connection_found_closed_at_checkout_is_skipped_and_teaches_the_idle_timeout()
 fn removed_server_loses_its_idle_connections_and_a_new_one_in_its_slot_knows_nothing() {
     let t0 = Instant::now();
     let mut pool = pool(ALL);
-    pool.observe_close(&meta(9, 1, t0), 50 * MS, t0);
+    pool.observe_close(&meta(9, 1, t0), 50 * MS, t0, false);
     for (id, server) in [(1, 0), (2, 1), (3, 1)] {
         pool.checkin(id, meta(id, server, t0), DONE, t0, keep);
     }
@@ -154,7 +157,7 @@ fn learned_budget_closes_first_and_is_ignored_when_learning_is_off() {
     for (guards, expect) in [(ALL, Some(Reason::IdleBudget)), (NONE, None)] {
         let t0 = Instant::now();
         let mut pool = pool(guards);
-        pool.observe_close(&meta(9, 0, t0), 50 * MS, t0);
+        pool.observe_close(&meta(9, 0, t0), 50 * MS, t0, false);
         pool.checkin(1, meta(1, 0, t0), DONE, t0, keep);
         let mut closed = vec![];
         pool.expire(t0 + 40 * MS, alive, |_, _, r| closed.push(r));
@@ -281,7 +284,7 @@ proptest! {
             };
             let dead_now = dead.clone();
             let check = |c: &u64| match dead_now.get(c) {
-                Some(at) => Liveness::Closed { at: *at },
+                Some(at) => Liveness::Closed { at: *at, exact: false },
                 None => Liveness::Alive,
             };
             match op {

@@ -30,7 +30,7 @@ const REAPER_MIN_GAP: Duration = Duration::from_millis(5);
 const REAPER_MAX_GAP: Duration = Duration::from_millis(250);
 
 pub struct Group {
-    pub name: String,
+    pub name: Arc<str>,
     /// `keepalive > 0`, read on every request, so kept outside the pool's lock.
     reuse: bool,
     pub servers: Servers,
@@ -78,7 +78,7 @@ impl Group {
             risk_aware_checkout: g.risk_aware_checkout,
         };
         Group {
-            name: cfg.name.clone(),
+            name: cfg.name.as_str().into(),
             reuse: cfg.keepalive > 0,
             pool: Mutex::new(Pool::new(limits, guards, servers.len())),
             servers,
@@ -171,6 +171,11 @@ impl Group {
     }
 
     fn report(&self, event: Event) {
+        if let Event::Learned { .. } = event {
+            // A budget that just shrank may put idle connections past it now; the reaper
+            // planned its sleep on the old one.
+            self.reaper.notify_one();
+        }
         match event {
             Event::UpstreamClosedIdle { server, idle_for } => {
                 self.metrics
@@ -208,6 +213,16 @@ impl Group {
                     self.servers.addr(server),
                 );
             }
+            Event::Learned {
+                server,
+                change: Change::MassClose,
+            } => {
+                tracing::info!(
+                    upstream = %self.servers.addr(server),
+                    "upstream {} closed its idle connections all at once (a restart or a stop); nothing learned from it",
+                    self.servers.addr(server),
+                );
+            }
         }
     }
 
@@ -223,8 +238,10 @@ impl Group {
         let metrics = &self.metrics.server(server);
         if conn.is_closed() {
             metrics.dropped(Dropped::Closed).inc();
+            let closed_at = conn.closed_at();
             return Liveness::Closed {
-                at: conn.closed_at().unwrap_or(now),
+                at: closed_at.unwrap_or(now),
+                exact: closed_at.is_some(),
             };
         }
         if !peek {
@@ -239,11 +256,17 @@ impl Group {
                     Dropped::Fin
                 };
                 metrics.dropped(cause).inc();
-                Liveness::Closed { at: now }
+                Liveness::Closed {
+                    at: now,
+                    exact: false,
+                }
             }
             Peek::StrayBytes => {
                 metrics.dropped(Dropped::StrayBytes).inc();
-                Liveness::Closed { at: now }
+                Liveness::Closed {
+                    at: now,
+                    exact: false,
+                }
             }
         }
     }
@@ -409,8 +432,10 @@ pub async fn reap(group: Weak<Group>) {
                     now,
                     |c| {
                         if c.is_closed() {
+                            let closed_at = c.closed_at();
                             Liveness::Closed {
-                                at: c.closed_at().unwrap_or(now),
+                                at: closed_at.unwrap_or(now),
+                                exact: closed_at.is_some(),
                             }
                         } else {
                             Liveness::Alive
