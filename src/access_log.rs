@@ -3,12 +3,16 @@
 //! Lines are serialized and written on a dedicated thread, so a slow disk or a blocked stdout
 //! never stalls a request; when that thread falls behind, lines are dropped and counted.
 
+use std::fmt;
 use std::fs::OpenOptions;
 use std::io::{self, BufWriter, Write};
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
+use http::{HeaderValue, Method, Uri, Version};
 use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -18,14 +22,21 @@ use tokio::sync::mpsc;
 const QUEUE: usize = 65_536;
 
 /// One request, as logged.
+///
+/// Fields hold what the request path already has (addresses, header values, the method and
+/// target) rather than text: turning them into text is left to the writer thread, so a
+/// request pays for no formatting, and nothing at all when the log is off.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Entry {
     #[serde(serialize_with = "iso8601")]
     pub timestamp: Option<SystemTime>,
-    pub remote_addr: String,
-    pub request_id: String,
-    pub upstream: Option<String>,
-    pub upstream_addr: Option<String>,
+    #[serde(serialize_with = "text_or_empty")]
+    pub remote_addr: Option<IpAddr>,
+    #[serde(serialize_with = "header_text")]
+    pub request_id: Option<HeaderValue>,
+    #[serde(serialize_with = "text_or_null")]
+    pub upstream: Option<Arc<str>>,
+    pub upstream_addr: Option<SocketAddr>,
     /// Serial of the client connection.
     pub connection: u64,
     /// Requests on the client connection, this one included.
@@ -37,8 +48,9 @@ pub struct Entry {
     pub status: u16,
     pub upstream_status: Option<u16>,
     pub body_bytes_sent: u64,
-    pub request: String,
-    pub http_user_agent: String,
+    pub request: RequestLine,
+    #[serde(serialize_with = "header_text")]
+    pub http_user_agent: Option<HeaderValue>,
     pub upstream_connection_reused: Option<bool>,
     pub upstream_connection_idle_ms: Option<u64>,
     pub upstream_connection_requests: Option<u64>,
@@ -51,6 +63,51 @@ pub struct Entry {
 fn iso8601<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
     let t = t.unwrap_or_else(SystemTime::now);
     s.collect_str(&humantime::format_rfc3339_millis(t))
+}
+
+fn text_or_empty<S: serde::Serializer, T: fmt::Display>(
+    v: &Option<T>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(v) => s.collect_str(v),
+        None => s.serialize_str(""),
+    }
+}
+
+fn text_or_null<S: serde::Serializer, T: fmt::Display>(
+    v: &Option<T>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(v) => s.collect_str(v),
+        None => s.serialize_none(),
+    }
+}
+
+/// A header value as text; "" when absent or not visible ASCII, as before it was stored.
+fn header_text<S: serde::Serializer>(v: &Option<HeaderValue>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(v.as_ref().and_then(|v| v.to_str().ok()).unwrap_or(""))
+}
+
+/// The request line as nginx's `$request` shows it: "GET /path?q HTTP/1.1"; "" before the
+/// request is known.
+#[derive(Clone, Debug, Default)]
+pub struct RequestLine(pub Option<(Method, Uri, Version)>);
+
+impl fmt::Display for RequestLine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            Some((method, uri, version)) => write!(f, "{method} {uri} {version:?}"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Serialize for RequestLine {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
 }
 
 /// Seconds with millisecond resolution, as nginx prints times.
@@ -114,6 +171,11 @@ impl AccessLog {
             },
             Writer(Some(handle)),
         ))
+    }
+
+    /// Whether lines go anywhere; an entry need not be filled in when they do not.
+    pub fn is_on(&self) -> bool {
+        self.tx.is_some()
     }
 
     pub fn write(&self, entry: Entry) {

@@ -189,7 +189,10 @@ impl Downstream {
             requests,
             conflicting_framing,
         };
-        let resp = self.proxy.handle(req, client).await?;
+        // Boxed: hyper keeps room for this future for the whole life of the connection, idle
+        // or not, and the proxy's is several KiB; a box of its own lives only while a request
+        // does, so an idle client connection costs that much less.
+        let resp = Box::pin(self.proxy.handle(req, client)).await?;
         let (mut parts, body) = resp.into_parts();
         let last = !keep_alive
             || conflicting_framing

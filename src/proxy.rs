@@ -19,7 +19,7 @@ use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 
-use crate::access_log::{self, AccessLog, Entry};
+use crate::access_log::{self, AccessLog, Entry, RequestLine};
 use crate::config::Config;
 use crate::metrics::{Metrics, RetryOutcome};
 use crate::pool::learn;
@@ -104,17 +104,16 @@ impl Proxy {
     ) -> Result<Response<ResponseBody>, Abort> {
         let start = Instant::now();
         let mut entry = Entry {
-            timestamp: Some(SystemTime::now()),
-            remote_addr: client.addr.ip().to_string(),
+            timestamp: self.log.is_on().then(SystemTime::now),
+            remote_addr: Some(client.addr.ip()),
             connection: client.connection,
             connection_requests: client.requests,
-            request: format!("{} {} {:?}", req.method(), req.uri(), req.version()),
-            http_user_agent: req
-                .headers()
-                .get(header::USER_AGENT)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-                .to_string(),
+            request: RequestLine(Some((
+                req.method().clone(),
+                req.uri().clone(),
+                req.version(),
+            ))),
+            http_user_agent: req.headers().get(header::USER_AGENT).cloned(),
             ..Entry::default()
         };
 
@@ -123,7 +122,8 @@ impl Proxy {
             return Ok(self.local(StatusCode::BAD_REQUEST, None, entry, start, vec![]));
         }
         let host = request_host(&req);
-        let Some(target) = self.router.find(host.as_deref(), req.uri().path()) else {
+        let host_text = host.as_ref().and_then(|h| h.to_str().ok());
+        let Some(target) = self.router.find(host_text, req.uri().path()) else {
             entry.flag("NR");
             entry.response_details = "route_not_found".into();
             return Ok(self.local(StatusCode::NOT_FOUND, None, entry, start, vec![]));
@@ -134,10 +134,10 @@ impl Proxy {
         let (mut parts, incoming) = req.into_parts();
         let fwd = headers::Forwarded {
             client_ip: client.addr.ip(),
-            host: host.as_deref(),
+            host: host.as_ref(),
         };
         let request_id = headers::to_upstream(&mut parts.headers, &fwd, group.reuse());
-        entry.request_id = request_id.to_str().unwrap_or("").to_string();
+        entry.request_id = Some(request_id);
         let head = Head {
             method: parts.method,
             uri: origin_form(&parts.uri),
@@ -180,7 +180,7 @@ impl Proxy {
                 tracing::error!(
                     client = %client.addr.ip(),
                     request = %entry.request,
-                    upstream = entry.upstream_addr.as_deref().unwrap_or("-"),
+                    upstream = %entry.upstream_addr.map_or("-".to_string(), |a| a.to_string()),
                     "{failure}"
                 );
                 entry.response_details = failure.details().into();
@@ -329,12 +329,11 @@ impl OnEnd for Finish {
 
 /// The host the client asked for (port included), from an absolute-form target or the Host
 /// header; the target wins, as RFC 9112 §3.2.2 requires of a proxy.
-fn request_host<B>(req: &Request<B>) -> Option<String> {
-    let raw = match req.uri().authority() {
-        Some(authority) => authority.as_str(),
-        None => req.headers().get(header::HOST)?.to_str().ok()?,
-    };
-    Some(raw.to_string())
+fn request_host<B>(req: &Request<B>) -> Option<HeaderValue> {
+    match req.uri().authority() {
+        Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
+        None => req.headers().get(header::HOST).cloned(),
+    }
 }
 
 /// The request target as an upstream expects it: path and query only.

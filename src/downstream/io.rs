@@ -138,6 +138,16 @@ fn head_end(data: &[u8]) -> Option<usize> {
 /// that case itself (Transfer-Encoding wins) without telling the service, but a message
 /// framed two ways is the raw material of request smuggling, so kaguard refuses it.
 fn conflicting_framing(head: &[u8]) -> bool {
+    // Nearly every head has at most one of the two: a scan of line starts rules it out
+    // without parsing the whole head. A header name starts a line (after LF or CRLF) in any
+    // head httparse accepts.
+    let starts_a_line = |name: &[u8]| {
+        head.split(|&b| b == b'\n')
+            .any(|line| line.len() > name.len() && line[..name.len()].eq_ignore_ascii_case(name))
+    };
+    if !starts_a_line(b"transfer-encoding") || !starts_a_line(b"content-length") {
+        return false;
+    }
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     if req.parse(head).is_err() {
@@ -206,6 +216,16 @@ mod tests {
         assert!(conflicting_framing(head));
         assert!(!conflicting_framing(
             b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\n"
+        ));
+    }
+
+    #[test]
+    fn framing_headers_count_in_any_case_and_with_bare_line_feeds() {
+        let head = b"POST / HTTP/1.1\nhost: a\ncontent-LENGTH: 3\nTRANSFER-encoding: chunked\n\n";
+        assert!(conflicting_framing(head));
+        // A name inside a value is not a header.
+        assert!(!conflicting_framing(
+            b"POST / HTTP/1.1\r\nX-Note: transfer-encoding\r\nContent-Length: 3\r\n\r\n"
         ));
     }
 

@@ -76,7 +76,7 @@ pub(super) async fn exchange(
         let (failure, lease) = match pooled {
             Some(lease) => (None, Some(lease)),
             None => {
-                entry.upstream_addr = Some(group.server_addr(server).to_string());
+                entry.upstream_addr = Some(group.server_addr(server));
                 match group.connect(server).await {
                     Ok(lease) => {
                         entry.upstream_connect_time =
@@ -90,7 +90,7 @@ pub(super) async fn exchange(
         let (failure, returned) = match (failure, lease) {
             (Some(failure), _) => (failure, Some(req)),
             (None, Some(mut lease)) => {
-                entry.upstream_addr = Some(lease.conn().addr.to_string());
+                entry.upstream_addr = Some(lease.conn().addr);
                 entry.upstream_connection_reused = Some(lease.reused);
                 entry.upstream_connection_idle_ms = Some(lease.idle_for.as_millis() as u64);
                 entry.upstream_connection_requests = Some(lease.meta.requests + 1);

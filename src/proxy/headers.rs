@@ -1,7 +1,10 @@
 //! Header rules at the proxy boundary: hop-by-hop removal both ways, Host, X-Forwarded-*,
 //! X-Request-Id.
 
+use std::fmt::Write as _;
 use std::net::IpAddr;
+
+use bytes::Bytes;
 
 use http::Version;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -71,6 +74,11 @@ pub fn keep_alive_hint(headers: &HeaderMap) -> (Option<u64>, Option<u64>) {
 
 /// Removes `Connection`, every header it names, and the fixed hop-by-hop set.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none of them: one pass comparing names (an integer compare for
+    // standard names) is far cheaper than a hashed lookup of each of the nine.
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
     let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -92,7 +100,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
 pub struct Forwarded<'a> {
     pub client_ip: IpAddr,
     /// The Host the client asked for (from `Host` or an absolute-form target).
-    pub host: Option<&'a str>,
+    pub host: Option<&'a HeaderValue>,
 }
 
 /// Turns a client's request headers into the upstream's. Returns the request id.
@@ -112,17 +120,18 @@ pub fn to_upstream(headers: &mut HeaderMap, fwd: &Forwarded<'_>, reuse: bool) ->
         xff.push_str(prev);
         xff.push_str(", ");
     }
-    xff.push_str(&fwd.client_ip.to_string());
+    // Writing to a String cannot fail.
+    let _ = write!(xff, "{}", fwd.client_ip);
     headers.remove(X_FORWARDED_FOR);
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(xff)) {
         headers.insert(X_FORWARDED_FOR, v);
     }
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
-    if let Some(host) = fwd.host.and_then(|h| HeaderValue::from_str(h).ok()) {
+    if let Some(host) = fwd.host {
         // `host` comes from the request target when it was absolute-form, and then it
         // replaces whatever Host the client sent (RFC 9112 §3.2.2).
         headers.insert(header::HOST, host.clone());
-        headers.insert(X_FORWARDED_HOST, host);
+        headers.insert(X_FORWARDED_HOST, host.clone());
     }
     if !reuse {
         headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -139,8 +148,13 @@ pub fn to_upstream(headers: &mut HeaderMap, fwd: &Forwarded<'_>, reuse: bool) ->
 
 /// A random 128-bit id in hex, like nginx's `$request_id`.
 fn new_request_id() -> HeaderValue {
-    let id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
-    HeaderValue::from_str(&id).expect("hex is a valid header value")
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let bits = fastrand::u128(..);
+    let mut id = [0u8; 32];
+    for (i, digit) in id.iter_mut().enumerate() {
+        *digit = HEX[((bits >> (124 - 4 * i)) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&id).expect("hex is a valid header value")
 }
 
 #[cfg(test)]
@@ -189,7 +203,7 @@ mod tests {
         ]);
         let fwd = Forwarded {
             client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
-            host: Some("example.com"),
+            host: Some(&HeaderValue::from_static("example.com")),
         };
         let id = to_upstream(&mut h, &fwd, true);
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
