@@ -1,13 +1,29 @@
 #!/usr/bin/env bash
 # Throughput side by side: kaguard, nginx and HAProxy as reverse proxies in front of one fast
 # upstream (nginx answering from memory with one worker), each with the same worker count and
-# an upstream keep-alive pool of 32, driven by `wrk --latency`. Runs alternate between the
+# the same upstream keep-alive pool, driven by `wrk --latency`. Runs alternate between the
 # proxies, ROUNDS times, and the medians and the ratios kaguard/nginx and kaguard/HAProxy are
 # printed, plus the upstream served directly as the ceiling.
+#
+# The pool is large enough for every connection count, so no proxy closes and reopens upstream
+# connections under load: nginx and kaguard keep up to KEEPALIVE idle upstream connections
+# (nginx `keepalive $KEEPALIVE;`, kaguard `[[upstream]] keepalive = $KEEPALIVE` in a generated
+# config) and send up to 100000 requests on each (`keepalive_requests 100000` in both); HAProxy
+# runs `http-reuse safe` with no cap on idle connections (its default). The configs are in
+# bench/lib.sh, shared with bench/idle.sh and bench/reuse.sh.
 #
 #   bench/throughput.sh                   # 1 and 2 workers, 64 and 256 connections, 3 sizes
 #   QUICK=1 bench/throughput.sh           # 1 worker, 64 connections, small responses, 2 rounds
 #   WORKERS="1" CONNS="64" SIZES="small" ROUNDS=5 DURATION=10 bench/throughput.sh
+#
+# Environment:
+#   WORKERS="1 2"         worker processes (nginx) or threads (kaguard, HAProxy)
+#   CONNS="64 256"        wrk connections (wrk -t1)
+#   SIZES="small 16k 1m"  response bodies: 2 bytes, 16 KiB, 1 MiB
+#   ROUNDS=3 DURATION=10  rounds per proxy, seconds per wrk run
+#   QUICK=1               WORKERS=1 CONNS=64 SIZES=small ROUNDS=2 DURATION=5 (each overridable)
+#   KEEPALIVE=512         idle upstream connections of nginx and kaguard; keep it >= CONNS
+#   KEEP=1                keep the temporary directory with every log and wrk output
 #
 # Loopback only; every process it starts is stopped on exit. Needs root for apt-get when
 # nginx, haproxy or wrk are missing.
@@ -26,117 +42,19 @@ SIZES=${SIZES:-"small 16k 1m"}
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10}
 
-install_missing() {
-    local missing=()
-    [[ -n $(find_nginx) ]] || missing+=(nginx)
-    command -v haproxy >/dev/null || [[ -x /usr/sbin/haproxy ]] || missing+=(haproxy)
-    command -v wrk >/dev/null || missing+=(wrk)
-    if ((${#missing[@]})); then
-        say "installing ${missing[*]} from Debian's packages"
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-    fi
-}
-
-install_missing
+install_missing nginx haproxy wrk
 need wrk
-nginx_bin=$(find_nginx)
-haproxy_bin=$(command -v haproxy || echo /usr/sbin/haproxy)
-say "building kaguard (release)"
-(cd "$root" && cargo build --release --quiet)
+find_binaries
 tmp=$(mktemp -d /tmp/kaguard-throughput.XXXXXX)
 trap cleanup EXIT
-cp "$root/target/release/kaguard" "$tmp/kaguard"
+build_kaguard "$root"
+for conns in $CONNS; do
+    ((conns <= KEEPALIVE)) ||
+        say "warning: $conns connections > KEEPALIVE=$KEEPALIVE: nginx and kaguard will close and reopen upstream connections"
+done
 
-# The upstream: one nginx worker serving the three bodies from memory-backed files.
-up_port=$(free_port)
-mkdir -p "$tmp/up/www" "$tmp/up/logs"
-printf 'OK' >"$tmp/up/www/small"
-head -c 16384 /dev/zero | tr '\0' 'x' >"$tmp/up/www/16k"
-head -c 1048576 /dev/zero | tr '\0' 'x' >"$tmp/up/www/1m"
-# mktemp makes the directory private; nginx's workers run as another user and must read it.
-chmod -R a+rX "$tmp"
-cat >"$tmp/up/nginx.conf" <<CONF
-worker_processes 1;
-pid $tmp/up/nginx.pid;
-error_log $tmp/up/logs/error.log;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    keepalive_requests 100000;
-    server {
-        listen 127.0.0.1:$up_port;
-        root $tmp/up/www;
-        location = /small { default_type text/plain; }
-        location = /16k { default_type text/plain; }
-        location = /1m { default_type text/plain; }
-    }
-}
-CONF
-start "$tmp/up/run.log" "$nginx_bin" -p "$tmp/up/" -c "$tmp/up/nginx.conf" -g 'daemon off;'
-up_pid=$last_pid
-wait_for_port "$up_port" "$up_pid" "$tmp/up/run.log"
-
-# Proxy configs, the same pool for all: 32 idle upstream connections, HTTP/1.1 keep-alive.
-nginx_proxy_conf() { # workers port dir
-    cat <<CONF
-worker_processes $1;
-pid $3/nginx.pid;
-error_log $3/error.log;
-events { worker_connections 8192; }
-http {
-    access_log off;
-    keepalive_requests 100000;
-    upstream u { server 127.0.0.1:$up_port; keepalive 32; keepalive_requests 100000; }
-    server {
-        listen 127.0.0.1:$2;
-        location / { proxy_pass http://u; proxy_http_version 1.1; proxy_set_header Connection ""; }
-    }
-}
-CONF
-}
-
-haproxy_conf() { # workers port
-    cat <<CONF
-global
-    nbthread $1
-    maxconn 8000
-defaults
-    mode http
-    timeout connect 5s
-    timeout client 60s
-    timeout server 60s
-    timeout http-keep-alive 60s
-frontend f
-    bind 127.0.0.1:$2
-    default_backend b
-backend b
-    http-reuse safe
-    server s1 127.0.0.1:$up_port maxconn 10000
-CONF
-}
-
-# start_proxy NAME WORKERS: starts it; sets proxy_port and proxy_pid.
-start_proxy() {
-    local name=$1 workers=$2 dir="$tmp/$1-$2"
-    mkdir -p "$dir"
-    proxy_port=$(free_port)
-    case $name in
-        kaguard)
-            start "$dir/run.log" "$tmp/kaguard" run --listen "127.0.0.1:$proxy_port" \
-                --upstream "127.0.0.1:$up_port" --access-log off --workers "$workers"
-            ;;
-        nginx)
-            nginx_proxy_conf "$workers" "$proxy_port" "$dir" >"$dir/nginx.conf"
-            start "$dir/run.log" "$nginx_bin" -p "$dir/" -c "$dir/nginx.conf" -g 'daemon off;'
-            ;;
-        haproxy)
-            haproxy_conf "$workers" "$proxy_port" >"$dir/haproxy.cfg"
-            start "$dir/run.log" "$haproxy_bin" -f "$dir/haproxy.cfg" -db
-            ;;
-    esac
-    proxy_pid=$last_pid
-    wait_for_port "$proxy_port" "$proxy_pid" "$dir/run.log"
-}
+# The upstream: one nginx worker serving the three bodies from files (bench/lib.sh).
+start_upstream "$tmp/up"
 
 # cpu_ticks PID: user+system clock ticks of PID and all its children threads and processes.
 cpu_ticks() {
