@@ -163,9 +163,9 @@ mod tests {
         let metrics = Metrics::new();
         let group = Arc::new(Group::new(&cfg.upstreams[0], &metrics));
         for _ in 0..HealthCheckConfig::default().falls {
-            group.server_checked(1, false, Instant::now());
+            group.server_checked(1, group.server_addr(1), false, Instant::now());
         }
-        group.server_failed(1, Instant::now());
+        group.server_failed(1, group.server_addr(1), Instant::now());
         let expected = r#"[{"upstream":"default","balance":"round_robin","servers":[{"name":"127.0.0.1:3000","addr":"127.0.0.1:3000","draining":false,"weight":1,"available":true,"in_flight":0,"active_check":"up","failures":0},{"name":"127.0.0.1:3001","addr":"127.0.0.1:3001","draining":false,"weight":3,"available":false,"in_flight":0,"active_check":"down","failures":1}]}]"#;
         assert_eq!(upstreams(&[group]), format!("{expected}\n"));
     }

@@ -365,12 +365,14 @@ impl<C> Pool<C> {
     }
 
     /// Slot `server` now stands for a new address (DNS): whatever was learned belongs to the
-    /// server that had it before, or to nobody.
-    pub fn new_server(&mut self, server: usize) {
+    /// server that had it before, or to nobody, and a connection still idle under it goes to
+    /// that old address and is closed.
+    pub fn new_server(&mut self, server: usize, closed: impl FnMut(C, ConnMeta, Reason)) {
         if server >= self.learners.len() {
             self.learners.resize(server + 1, Learner::default());
         } else {
             self.learners[server] = Learner::default();
+            self.remove_server(server, closed);
         }
     }
 

@@ -31,7 +31,10 @@ fn closed_series(up: std::net::SocketAddr, reason: &str) -> String {
 
 /// Pools one connection to `up` through `group`, returning once its response was read.
 async fn pool_one(group: &Arc<Group>) {
-    let mut lease = group.connect(0).await.expect("connects");
+    let mut lease = group
+        .connect(0, group.server_addr(0))
+        .await
+        .expect("connects");
     lease.meta.requests += 1;
     let req = http::Request::get("/")
         .header("host", "t")

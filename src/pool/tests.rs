@@ -145,10 +145,10 @@ fn removed_server_loses_its_idle_connections_and_a_new_one_in_its_slot_knows_not
     );
     assert_eq!(pool.idle(), 1);
     assert!(pool.learned(1, t0).0.is_some());
-    pool.new_server(1);
+    pool.new_server(1, keep);
     assert_eq!(pool.learned(1, t0), (None, None));
     // A slot past the ones the pool was made with.
-    pool.new_server(4);
+    pool.new_server(4, keep);
     assert_eq!(pool.learned(4, t0), (None, None));
 }
 

@@ -111,7 +111,7 @@ async fn check(group: Weak<Group>, server: usize, cfg: HealthCheckConfig, target
         if !g.servers.listed(server) || g.servers.generation(server) != generation {
             return;
         }
-        match g.server_checked(server, outcome.is_ok(), Instant::now()) {
+        match g.server_checked(server, addr, outcome.is_ok(), Instant::now()) {
             Some(false) => {
                 let reason = outcome.err().map(|e| e.to_string()).unwrap_or_default();
                 tracing::warn!(upstream = %addr, "upstream server {addr} is down (health check: {reason})");

@@ -44,7 +44,8 @@ async fn run(
                 Ok(Ok(answer)) if !answer.addrs.is_empty() => {
                     ttls.push(answer.ttl);
                     let update = g.resolved(*entry, &answer.addrs);
-                    for &server in &update.added {
+                    let added = update.added.iter().map(|&(server, _)| server);
+                    for server in added.chain(update.relisted.iter().copied()) {
                         check::spawn_one(&g, server);
                     }
                 }

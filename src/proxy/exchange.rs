@@ -68,6 +68,9 @@ pub(super) async fn exchange(
                 .or_else(|| replay.as_ref().and_then(RequestBody::replay)),
         );
         let body_done = req.body().finished();
+        // The slot's address for this try: if DNS moves the slot meanwhile, what this try
+        // finds is about this address, not the new one.
+        let addr = group.server_addr(server);
         let pooled = if fresh_only {
             None
         } else {
@@ -76,8 +79,8 @@ pub(super) async fn exchange(
         let (failure, lease) = match pooled {
             Some(lease) => (None, Some(lease)),
             None => {
-                entry.upstream_addr = Some(group.server_addr(server));
-                match group.connect(server).await {
+                entry.upstream_addr = Some(addr);
+                match group.connect(server, addr).await {
                     Ok(lease) => {
                         entry.upstream_connect_time =
                             Some(access_log::seconds(attempt_start.elapsed()));
@@ -105,7 +108,8 @@ pub(super) async fn exchange(
                 let outcome = send(lease.conn_mut(), req, timeouts, reused).await;
                 match outcome {
                     Ok(resp) => {
-                        group.server_answered(server, attempt_start.elapsed(), Instant::now());
+                        let (latency, now) = (attempt_start.elapsed(), Instant::now());
+                        group.server_answered(server, addr, latency, now);
                         let status = resp.status().as_u16();
                         match retry::decide(
                             Outcome::Status(status),
@@ -117,7 +121,7 @@ pub(super) async fn exchange(
                                 retries.push(cause);
                                 facts.attempts += 1;
                                 backoff(policy, facts.attempts).await;
-                                server = group.pick(Some(server), Instant::now()).unwrap_or(server);
+                                server = group.next_server(server, Instant::now());
                                 continue;
                             }
                             _ => return Ok((resp, lease, attempt_start)),
@@ -138,7 +142,7 @@ pub(super) async fn exchange(
         entry.flag(failure.flag());
         let now = Instant::now();
         if failure.is_server_fault() {
-            group.server_failed(server, now);
+            group.server_failed(server, addr, now);
         }
         facts.returned = returned.is_some();
         if let Some(req) = returned {
@@ -148,7 +152,7 @@ pub(super) async fn exchange(
         // every method, until each server was tried.
         if failure.never_reached_upstream()
             && (facts.returned || facts.replayable)
-            && servers_tried < group.servers.len()
+            && servers_tried < group.servers.listed_count()
             && let Some(other) = group
                 .pick(Some(server), now)
                 .filter(|other| *other != server)
@@ -194,7 +198,7 @@ pub(super) async fn exchange(
         } else {
             facts.attempts += 1;
             backoff(policy, facts.attempts).await;
-            server = group.pick(Some(server), Instant::now()).unwrap_or(server);
+            server = group.next_server(server, Instant::now());
         }
     }
 }

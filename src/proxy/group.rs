@@ -114,28 +114,56 @@ impl Group {
         self.servers.addr(server)
     }
 
-    /// `server` answered: it counts as healthy again and its latency is noted.
-    pub fn server_answered(&self, server: usize, latency: Duration, now: Instant) {
-        self.servers.succeeded(server, latency, now);
+    /// The server for a try after one on `server` failed: another if one may take it, else
+    /// `server` again if it still may (a group of one), else any.
+    pub fn next_server(&self, server: usize, now: Instant) -> usize {
+        self.pick(Some(server), now)
+            .or_else(|| self.pick(None, now))
+            .unwrap_or(server)
     }
 
-    /// `server` failed in a way that is its own fault (not a race kaguard absorbed, not the
-    /// client's): it counts toward `max_fails`.
-    pub fn server_failed(&self, server: usize, now: Instant) {
+    /// `server` answered from `addr`: it counts as healthy again and its latency is noted.
+    pub fn server_answered(
+        &self,
+        server: usize,
+        addr: SocketAddr,
+        latency: Duration,
+        now: Instant,
+    ) {
+        self.servers.succeeded(server, addr, latency, now);
+    }
+
+    /// `server` failed at `addr` in a way that is its own fault (not a race kaguard absorbed,
+    /// not the client's): it counts toward `max_fails`, unless the slot stands for another
+    /// address by now.
+    pub fn server_failed(&self, server: usize, addr: SocketAddr, now: Instant) {
+        if self.servers.addr(server) != addr {
+            return;
+        }
         let m = &self.metrics.server(server);
         m.failures.inc();
-        if self.servers.failed(server, now) {
+        if self.servers.failed(server, addr, now) {
             m.available.set(0);
-            tracing::warn!(upstream = %self.servers.addr(server), "upstream server temporarily disabled");
+            tracing::warn!(upstream = %addr, "upstream server temporarily disabled");
         }
     }
 
-    /// An active check of `server` passed or failed: it is counted, and when it changed the
-    /// server's state the `available` gauge follows. Returns the new state then, `true` for up.
-    pub fn server_checked(&self, server: usize, passed: bool, now: Instant) -> Option<bool> {
+    /// An active check of `addr` through slot `server` passed or failed: it is counted, and
+    /// when it changed the server's state the `available` gauge follows. Returns the new state
+    /// then, `true` for up. A check of an address the slot no longer stands for is dropped.
+    pub fn server_checked(
+        &self,
+        server: usize,
+        addr: SocketAddr,
+        passed: bool,
+        now: Instant,
+    ) -> Option<bool> {
+        if !self.servers.stands_for(server, addr) {
+            return None;
+        }
         let m = &self.metrics.server(server);
         m.check(passed).inc();
-        let changed = self.servers.checked(server, passed);
+        let changed = self.servers.checked(server, addr, passed);
         if changed.is_some() {
             m.available
                 .set(i64::from(self.servers.available(server, now)));
@@ -287,9 +315,12 @@ impl Group {
         Some(self.lease(reused.conn, reused.meta, true, reused.idle_for))
     }
 
-    /// Opens a new connection to `server`.
-    pub async fn connect(self: &Arc<Self>, server: usize) -> Result<Lease, Failure> {
-        let addr = self.servers.addr(server);
+    /// Opens a new connection to `addr`, the address of slot `server` when the try began.
+    pub async fn connect(
+        self: &Arc<Self>,
+        server: usize,
+        addr: SocketAddr,
+    ) -> Result<Lease, Failure> {
         let metrics = &self.metrics.server(server);
         match UpstreamConn::connect(addr, self.connect_timeout).await {
             Ok(conn) => {
@@ -331,26 +362,44 @@ impl Group {
     /// The configured server `entry` resolved to `addrs` (see [`Servers::update`]): slots whose
     /// address left drain (idle connections close now, the others when their request ends),
     /// slots for new addresses start afresh. Returns what changed.
+    ///
+    /// In this order, so that no request meets a slot half made: removed slots stop taking
+    /// requests, then their idle connections close (a connection returned in between is
+    /// checked in under the pool lock only while its slot still stands for its address, so
+    /// it is either refused or closed here); then new slots get their pool state and series,
+    /// and only then become pickable.
     pub fn resolved(&self, entry: usize, addrs: &[SocketAddr]) -> Update {
-        let update = self.servers.update(entry, addrs);
+        let update = self.servers.plan(entry, addrs);
+        let name = &self.servers.entry_name(entry);
+        self.servers.apply_removed(&update);
         for &server in &update.removed {
             self.metrics.server(server).available.set(0);
             let addr = self.servers.addr(server);
-            tracing::warn!(upstream = %addr, "{} no longer resolves to {addr}; draining it", self.servers.name(server));
-        }
-        for &server in &update.added {
-            let addr = self.servers.addr(server);
-            self.metrics.set_server(server, &addr.to_string());
-            tracing::warn!(upstream = %addr, "{} now resolves to {addr}", self.servers.name(server));
+            tracing::warn!(upstream = %addr, "{name} no longer resolves to {addr}; draining it");
         }
         self.with_pool(|pool, closed| {
             for &server in &update.removed {
                 pool.remove_server(server, |c, m, r| closed.push((c, m, r)));
             }
-            for &server in &update.added {
-                pool.new_server(server);
+            for &(server, _) in &update.added {
+                pool.new_server(server, |c, m, r| closed.push((c, m, r)));
             }
         });
+        for &(server, addr) in &update.added {
+            self.metrics.set_server(server, &addr.to_string());
+        }
+        self.servers.apply_added(entry, &update);
+        for &server in &update.relisted {
+            self.metrics.server(server).available.set(1);
+        }
+        for addr in update
+            .added
+            .iter()
+            .map(|&(_, addr)| addr)
+            .chain(update.relisted.iter().map(|&s| self.servers.addr(s)))
+        {
+            tracing::warn!(upstream = %addr, "{name} now resolves to {addr}");
+        }
         update
     }
 
@@ -508,13 +557,18 @@ impl Lease {
             .request_body_done
             .as_ref()
             .is_none_or(|done| done.load(Ordering::Acquire));
-        let returning = Returning {
+        let mut returning = Returning {
             response_complete: response_complete && !self.failed && body_sent,
             upstream_keep_alive: upstream_keep_alive && !conn.is_closed(),
-            server_removed: !self.group.servers.listed(self.meta.server),
+            server_removed: false,
         };
         let meta = self.meta;
+        let servers = &self.group.servers;
         let expiry = self.group.with_pool(|pool, closed| {
+            // Under the pool lock: DNS drains a slot before it closes the slot's idle
+            // connections under this lock, so a connection checked in here either sees the
+            // drain or is closed by it.
+            returning.server_removed = !servers.stands_for(meta.server, conn.addr);
             let pooled = pool.checkin(conn, meta, returning, now, |c, m, r| closed.push((c, m, r)));
             pooled.then(|| pool.expiry(&meta, now))
         });

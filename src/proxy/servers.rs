@@ -4,9 +4,13 @@
 //!
 //! Each address is a slot, indexed from 0 as the config lists them. A name that resolves to
 //! several addresses gets a slot per address, as nginx makes a server of each. When DNS drops
-//! an address its slot stops taking requests and drains; a later new address takes a drained
-//! slot with nothing in flight, or a new slot, so the slots stay as many as the addresses
-//! seen at once.
+//! an address its slot stops taking requests and drains; an address that comes back takes its
+//! drained slot again, and a new address takes a drained slot with nothing in flight, or a new
+//! slot, so the slots stay as many as the addresses seen at once.
+//!
+//! Because a slot may stand for another address later, whatever outlives a moment (a
+//! connection, a failure, a check result) names the address it is about along with the slot,
+//! and is ignored or closed when the slot no longer stands for it.
 
 use std::net::SocketAddr;
 use std::sync::{Mutex, MutexGuard};
@@ -39,11 +43,14 @@ struct State {
     scratch: Vec<Candidate>,
 }
 
-/// What [`Servers::update`] changed.
+/// What a new DNS answer changes, from [`Servers::plan`].
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Update {
-    /// Slots that now stand for a new address.
-    pub added: Vec<usize>,
+    /// Slots that will stand for a new address, and the address. An index at or past the
+    /// slots there are is a new slot (they come in order).
+    pub added: Vec<(usize, SocketAddr)>,
+    /// Drained slots whose address is back in the answer.
+    pub relisted: Vec<usize>,
     /// Slots whose address left the answer.
     pub removed: Vec<usize>,
 }
@@ -82,16 +89,13 @@ impl Servers {
 
     fn slot(&self, entry: usize, addr: SocketAddr, generation: u64) -> Slot {
         let server = &self.entries[entry];
-        // nginx ignores max_fails in a group of one: taking its only server out would turn
-        // every request into a 502 with nothing gained.
-        let sole = self.entries.len() == 1 && server.addrs.len() == 1;
         Slot {
             entry,
             addr,
             listed: true,
             generation,
             in_flight: 0,
-            passive: Passive::new(if sole { 0 } else { server.max_fails }, server.fail_timeout),
+            passive: Passive::new(server.max_fails, server.fail_timeout),
             active: self.checks.map(|(rises, falls)| Active::new(rises, falls)),
             latency: PeakEwma::new(EWMA_DECAY),
         }
@@ -123,9 +127,27 @@ impl Servers {
         &self.entries[entry].name
     }
 
+    /// The name of configured server `entry`, as written.
+    pub fn entry_name(&self, entry: usize) -> &str {
+        &self.entries[entry].name
+    }
+
     /// Whether the slot's address is in its name's latest answer.
     pub fn listed(&self, server: usize) -> bool {
         self.lock().slots[server].listed
+    }
+
+    /// Whether slot `server` still stands for `addr` and takes requests for it: a connection
+    /// to `addr` may go back to the pool under it.
+    pub fn stands_for(&self, server: usize, addr: SocketAddr) -> bool {
+        let state = self.lock();
+        let slot = &state.slots[server];
+        slot.listed && slot.addr == addr
+    }
+
+    /// Slots whose address is in the latest answers: the servers a request can try.
+    pub fn listed_count(&self) -> usize {
+        self.lock().slots.iter().filter(|s| s.listed).count()
     }
 
     /// Changes each time the slot stands for a new address.
@@ -172,12 +194,13 @@ impl Servers {
             scratch,
         } = &mut *state;
         scratch.clear();
+        let sole = sole(slots);
         for slot in slots.iter_mut() {
             scratch.push(Candidate {
                 weight: self.entries[slot.entry].weight,
                 in_flight: slot.in_flight,
                 ewma: slot.latency.get(now),
-                available: available(slot, now),
+                available: available(slot, now, sole),
             });
         }
         balancer.pick(scratch, exclude, &mut |n| fastrand::usize(..n))
@@ -185,7 +208,8 @@ impl Servers {
 
     /// Whether `server` may take requests now.
     pub fn available(&self, server: usize, now: Instant) -> bool {
-        available(&self.lock().slots[server], now)
+        let state = self.lock();
+        available(&state.slots[server], now, sole(&state.slots))
     }
 
     /// A request is on its way to `server`, until [`Servers::end`].
@@ -198,72 +222,124 @@ impl Servers {
         slot.in_flight = slot.in_flight.saturating_sub(1);
     }
 
-    /// `server` answered, `latency` after the attempt began.
-    pub fn succeeded(&self, server: usize, latency: Duration, now: Instant) {
+    /// `server` answered from `addr`, `latency` after the attempt began. Nothing is noted if
+    /// the slot stands for another address by now.
+    pub fn succeeded(&self, server: usize, addr: SocketAddr, latency: Duration, now: Instant) {
         let slot = &mut self.lock().slots[server];
-        slot.passive.success(now);
-        slot.latency.observe(latency, now);
+        if slot.addr == addr {
+            slot.passive.success(now);
+            slot.latency.observe(latency, now);
+        }
     }
 
-    /// `server` failed a request; returns true when this took it out for `fail_timeout`.
-    pub fn failed(&self, server: usize, now: Instant) -> bool {
-        self.lock().slots[server].passive.failure(now)
-    }
-
-    /// An active check of `server` passed or failed; returns the new state when it changed.
-    pub fn checked(&self, server: usize, passed: bool) -> Option<bool> {
-        self.lock().slots[server]
-            .active
-            .as_mut()
-            .and_then(|a| a.record(passed))
-    }
-
-    /// The configured server `entry` now resolves to `addrs` (never empty: an empty or
-    /// failed answer keeps the addresses it had). Addresses that left drain; new ones take
-    /// a slot drained earlier with nothing in flight, or a new slot.
-    pub fn update(&self, entry: usize, addrs: &[SocketAddr]) -> Update {
-        let mut update = Update::default();
+    /// `server` failed a request sent to `addr`; returns true when this took it out for
+    /// `fail_timeout`. Not counted when the slot stands for another address by now, nor
+    /// while it is the group's only server: nginx ignores `max_fails` in a group of one,
+    /// since taking its only server out would turn every request into a 502 with nothing
+    /// gained.
+    pub fn failed(&self, server: usize, addr: SocketAddr, now: Instant) -> bool {
         let mut state = self.lock();
-        for (i, slot) in state.slots.iter_mut().enumerate() {
+        let sole = sole(&state.slots);
+        let slot = &mut state.slots[server];
+        slot.addr == addr && slot.listed && !sole && slot.passive.failure(now)
+    }
+
+    /// An active check of `addr` through slot `server` passed or failed; returns the new
+    /// state when it changed. Ignored when the slot stands for another address by now.
+    pub fn checked(&self, server: usize, addr: SocketAddr, passed: bool) -> Option<bool> {
+        let slot = &mut self.lock().slots[server];
+        if slot.addr != addr || !slot.listed {
+            return None;
+        }
+        slot.active.as_mut().and_then(|a| a.record(passed))
+    }
+
+    /// What it takes for the configured server `entry` to stand for `addrs` (never empty: an
+    /// empty or failed answer keeps the addresses it had), without changing anything yet:
+    /// the caller drains removed slots with [`Servers::apply_removed`], prepares the series
+    /// and the pool for new slots, then makes them pickable with [`Servers::apply_added`].
+    /// Only the group's resolver task changes the slots, so nothing else moves in between
+    /// but requests in flight, which name their address.
+    pub fn plan(&self, entry: usize, addrs: &[SocketAddr]) -> Update {
+        let mut update = Update::default();
+        let state = self.lock();
+        for (i, slot) in state.slots.iter().enumerate() {
             if slot.entry == entry && slot.listed && !addrs.contains(&slot.addr) {
-                slot.listed = false;
                 update.removed.push(i);
             }
         }
+        let mut next = state.slots.len();
         for &addr in addrs {
-            let known = state
-                .slots
-                .iter()
-                .any(|s| s.entry == entry && s.listed && s.addr == addr);
-            if known {
+            let mine = |s: &Slot| s.entry == entry && s.addr == addr;
+            if state.slots.iter().any(|s| mine(s) && s.listed)
+                || update.added.iter().any(|&(_, a)| a == addr)
+            {
                 continue;
             }
-            // Not a slot drained by this very answer: its idle connections still have to
-            // close, and its logs and series must still name its old address.
-            let free =
-                state.slots.iter().enumerate().position(|(i, s)| {
-                    !s.listed && s.in_flight == 0 && !update.removed.contains(&i)
-                });
-            let i = match free {
-                Some(i) => {
-                    let generation = state.slots[i].generation + 1;
-                    state.slots[i] = self.slot(entry, addr, generation);
-                    state.balancer.reset(i);
-                    i
+            if let Some(i) = state.slots.iter().position(|s| mine(s) && !s.listed) {
+                if !update.relisted.contains(&i) {
+                    update.relisted.push(i);
                 }
-                None => {
-                    state.slots.push(self.slot(entry, addr, 0));
-                    state.slots.len() - 1
-                }
-            };
-            update.added.push(i);
+                continue;
+            }
+            // A slot drained earlier with nothing in flight; not one this very answer drains:
+            // its idle connections still have to close, and its logs and series must still
+            // name its old address.
+            let free = state.slots.iter().enumerate().position(|(i, s)| {
+                !s.listed
+                    && s.in_flight == 0
+                    && !update.removed.contains(&i)
+                    && !update.added.iter().any(|&(j, _)| j == i)
+            });
+            let i = free.unwrap_or_else(|| {
+                next += 1;
+                next - 1
+            });
+            update.added.push((i, addr));
         }
         update
     }
+
+    /// Drains the slots `update` removes.
+    pub fn apply_removed(&self, update: &Update) {
+        let mut state = self.lock();
+        for &i in &update.removed {
+            state.slots[i].listed = false;
+        }
+    }
+
+    /// Makes the slots `update` adds or lists again pickable, for the configured server
+    /// `entry`.
+    pub fn apply_added(&self, entry: usize, update: &Update) {
+        let mut state = self.lock();
+        for &i in &update.relisted {
+            let slot = &mut state.slots[i];
+            slot.listed = true;
+            // The checker of its earlier listing may still be running a round; it stops on
+            // seeing a new generation, and the caller starts a fresh one.
+            slot.generation += 1;
+        }
+        for &(i, addr) in &update.added {
+            if i < state.slots.len() {
+                let generation = state.slots[i].generation + 1;
+                state.slots[i] = self.slot(entry, addr, generation);
+                state.balancer.reset(i);
+            } else {
+                state.slots.push(self.slot(entry, addr, 0));
+            }
+        }
+    }
 }
 
-fn available(slot: &Slot, now: Instant) -> bool {
-    slot.listed && slot.passive.available(now) && slot.active.as_ref().is_none_or(Active::up)
+/// nginx's group of one: the only server that can take requests is never taken out.
+fn sole(slots: &[Slot]) -> bool {
+    slots.iter().filter(|s| s.listed).count() == 1
+}
+
+fn available(slot: &Slot, now: Instant, sole: bool) -> bool {
+    slot.listed
+        && (sole || slot.passive.available(now))
+        && slot.active.as_ref().is_none_or(Active::up)
 }
 
 #[cfg(test)]
@@ -301,37 +377,105 @@ mod tests {
         assert_eq!(picks(&servers, 6), [addr(1), addr(2), addr(9)]);
     }
 
+    /// What the group's resolver task does, minus the series and the pool.
+    fn update(servers: &Servers, entry: usize, addrs: &[SocketAddr]) -> Update {
+        let update = servers.plan(entry, addrs);
+        servers.apply_removed(&update);
+        servers.apply_added(entry, &update);
+        update
+    }
+
     #[test]
     fn an_address_that_leaves_the_answer_drains_and_takes_no_new_request() {
         let servers = Servers::new(&group(&[1, 2]));
-        let update = servers.update(0, &[addr(2), addr(3)]);
+        let changed = update(&servers, 0, &[addr(2), addr(3)]);
         assert_eq!(
-            update,
+            changed,
             Update {
-                added: vec![3],
+                added: vec![(3, addr(3))],
+                relisted: vec![],
                 removed: vec![0]
             }
         );
         assert!(!servers.listed(0));
         assert!(!servers.available(0, Instant::now()));
+        assert!(!servers.stands_for(0, addr(1)));
         assert_eq!(picks(&servers, 9), [addr(2), addr(3), addr(9)]);
-        // The same answer again changes nothing.
-        assert_eq!(servers.update(0, &[addr(3), addr(2)]), Update::default());
+        // The same answer again, or with an address twice, changes nothing.
+        assert_eq!(
+            update(&servers, 0, &[addr(3), addr(2), addr(3)]),
+            Update::default()
+        );
+        assert_eq!(servers.listed_count(), 3);
     }
 
     #[test]
     fn a_new_address_takes_a_drained_slot_only_once_nothing_is_in_flight_there() {
         let servers = Servers::new(&group(&[1]));
         servers.begin(0);
-        servers.update(0, &[addr(2)]);
+        update(&servers, 0, &[addr(2)]);
         assert_eq!(servers.len(), 3, "slot 0 still has a request out");
         servers.end(0);
-        let update = servers.update(0, &[addr(4)]);
-        assert_eq!(update.added, [0]);
-        assert_eq!(update.removed, [2]);
+        let changed = update(&servers, 0, &[addr(4)]);
+        assert_eq!(changed.added, [(0, addr(4))]);
+        assert_eq!(changed.removed, [2]);
         assert_eq!(servers.addr(0), addr(4));
         assert_eq!(servers.generation(0), 1);
         assert!(servers.listed(0));
         assert_eq!(servers.len(), 3);
+    }
+
+    #[test]
+    fn an_address_back_in_the_answer_takes_its_drained_slot_again() {
+        let servers = Servers::new(&group(&[1, 2]));
+        servers.begin(1);
+        update(&servers, 0, &[addr(3)]);
+        let changed = update(&servers, 0, &[addr(3), addr(2)]);
+        assert_eq!(changed.relisted, [1]);
+        assert!(changed.added.is_empty());
+        assert!(servers.stands_for(1, addr(2)));
+        assert_eq!(
+            servers.in_flight(1),
+            1,
+            "its request in flight is still counted"
+        );
+    }
+
+    #[test]
+    fn outcomes_for_an_address_a_slot_no_longer_stands_for_are_ignored() {
+        let mut cfg = group(&[1]);
+        cfg.health_check = Some(crate::config::HealthCheckConfig::default());
+        let servers = Servers::new(&cfg);
+        update(&servers, 0, &[addr(2)]);
+        update(&servers, 0, &[addr(3)]);
+        assert!(servers.stands_for(0, addr(3)), "slot 0 was free again");
+        let now = Instant::now();
+        assert!(!servers.failed(0, addr(1), now));
+        assert!(servers.available(0, now));
+        for _ in 0..10 {
+            assert_eq!(servers.checked(0, addr(1), false), None);
+        }
+        assert_eq!(servers.active(0), Some(true));
+        assert!(servers.failed(0, addr(3), now), "its own failure counts");
+    }
+
+    #[test]
+    fn only_a_group_of_one_address_never_takes_it_out() {
+        // One name, two addresses, then one: the one left is never taken out.
+        let mut cfg = group(&[1, 2]);
+        cfg.servers.truncate(1);
+        let servers = Servers::new(&cfg);
+        let now = Instant::now();
+        assert!(
+            servers.failed(0, addr(1), now),
+            "two servers: max_fails applies"
+        );
+        update(&servers, 0, &[addr(2)]);
+        assert!(!servers.failed(1, addr(2), now));
+        assert!(servers.available(1, now));
+        // Back to two: max_fails applies again.
+        update(&servers, 0, &[addr(2), addr(5)]);
+        assert!(servers.failed(1, addr(2), now));
+        assert!(!servers.available(1, now));
     }
 }
