@@ -26,3 +26,4 @@ pub mod route;
 pub mod server;
 pub mod tools;
 pub mod upstream;
+pub mod worker;

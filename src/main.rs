@@ -99,27 +99,27 @@ fn main() -> ExitCode {
             Err(err) => fail(err),
         },
         Command::Upstream(args) => {
-            match runtime(0).and_then(|rt| rt.block_on(kaguard::tools::upstream::run(args))) {
+            match runtime().and_then(|rt| rt.block_on(kaguard::tools::upstream::run(args))) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => fail(err),
             }
         }
         Command::Race(args) => {
-            match runtime(0).map(|rt| rt.block_on(kaguard::tools::race::run(args))) {
+            match runtime().map(|rt| rt.block_on(kaguard::tools::race::run(args))) {
                 Ok(Ok(_report)) => ExitCode::SUCCESS,
                 Ok(Err(err)) => fail(err),
                 Err(err) => fail(err),
             }
         }
         Command::Demo(args) => {
-            match runtime(0).map(|rt| rt.block_on(kaguard::tools::demo::run(args))) {
+            match runtime().map(|rt| rt.block_on(kaguard::tools::demo::run(args))) {
                 Ok(Ok(_report)) => ExitCode::SUCCESS,
                 Ok(Err(err)) => fail(err),
                 Err(err) => fail(err),
             }
         }
         Command::Probe(args) => {
-            match runtime(0).map(|rt| rt.block_on(kaguard::tools::probe::run(args))) {
+            match runtime().map(|rt| rt.block_on(kaguard::tools::probe::run(args))) {
                 Ok(Ok(_report)) => ExitCode::SUCCESS,
                 Ok(Err(err)) => fail(err),
                 Err(err) => fail(err),
@@ -127,7 +127,7 @@ fn main() -> ExitCode {
         }
         // 0: no inversion, 1: an inversion was flagged, 2: bad input or a failed probe.
         Command::Audit(args) => {
-            match runtime(0).map(|rt| rt.block_on(kaguard::tools::audit::run(args))) {
+            match runtime().map(|rt| rt.block_on(kaguard::tools::audit::run(args))) {
                 Ok(Ok(report)) => ExitCode::from(report.exit_code()),
                 Ok(Err(err)) => fail(err),
                 Err(err) => fail(err),
@@ -162,23 +162,47 @@ fn run(args: RunArgs) -> ExitCode {
     if let Some(workers) = args.workers.filter(|w| *w > 0) {
         config.workers = workers;
     }
-    let rt = match runtime(config.workers) {
-        Ok(rt) => rt,
+    let (rt, workers) = match worker_runtimes(config.workers) {
+        Ok(runtimes) => runtimes,
         Err(err) => return fail(err),
     };
-    match rt.block_on(kaguard::server::run(&config)) {
+    match rt.block_on(kaguard::server::run_on(&config, &workers)) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
         Err(err) => fail(err),
     }
 }
 
-fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if workers > 0 {
-        builder.worker_threads(workers);
+/// One single-threaded runtime per worker: this thread's, and one on a thread of its own for
+/// each other worker, which runs until the process exits. Returns this thread's runtime and
+/// the others' handles.
+fn worker_runtimes(
+    workers: usize,
+) -> std::io::Result<(tokio::runtime::Runtime, Vec<tokio::runtime::Handle>)> {
+    let single = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    };
+    let mut handles = Vec::with_capacity(workers.saturating_sub(1));
+    for index in 1..workers.max(1) {
+        let rt = single()?;
+        handles.push(rt.handle().clone());
+        std::thread::Builder::new()
+            .name(format!("kaguard-worker-{index}"))
+            .spawn(move || {
+                kaguard::worker::set(index);
+                rt.block_on(std::future::pending::<()>());
+            })?;
     }
-    builder.enable_all().build()
+    Ok((single()?, handles))
+}
+
+/// The tools' runtime: one thread per core, as they run many clients at once.
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
 }
 
 /// Exit code 2 with a one-line reason, for bad configs and ports in use.

@@ -53,6 +53,8 @@ pub struct ConnMeta {
     pub id: u64,
     /// Index of the server in its group.
     pub server: usize,
+    /// The worker thread whose runtime drives the connection.
+    pub worker: usize,
     pub created: Instant,
     /// Requests sent on the connection so far, the current one included.
     pub requests: u64,
@@ -67,6 +69,7 @@ impl ConnMeta {
         ConnMeta {
             id,
             server,
+            worker: 0,
             created,
             requests: 0,
             hint_idle: None,
@@ -257,8 +260,62 @@ impl<C> Pool<C> {
         server: usize,
         now: Instant,
         risk: Risk,
+        alive: impl FnMut(&C) -> Liveness,
+        closed: impl FnMut(C, ConnMeta, Reason),
+    ) -> Option<Reused<C>> {
+        self.checkout_prefer(server, None, now, risk, alive, closed)
+    }
+
+    /// [`Pool::checkout`], lending a connection of `worker` if one is fit, and one of another
+    /// worker only if none is: a connection driven by another thread costs a cross-thread
+    /// wake-up at each step of the exchange.
+    pub fn checkout_prefer(
+        &mut self,
+        server: usize,
+        worker: Option<usize>,
+        now: Instant,
+        risk: Risk,
         mut alive: impl FnMut(&C) -> Liveness,
         mut closed: impl FnMut(C, ConnMeta, Reason),
+    ) -> Option<Reused<C>> {
+        let mut others = false;
+        if let Some(worker) = worker {
+            let found = self.scan(
+                server,
+                Some(worker),
+                &mut others,
+                now,
+                risk,
+                &mut alive,
+                &mut closed,
+            );
+            if found.is_some() || !others {
+                return found;
+            }
+        }
+        self.scan(
+            server,
+            None,
+            &mut others,
+            now,
+            risk,
+            &mut alive,
+            &mut closed,
+        )
+    }
+
+    /// One pass of checkout over the idle list, from the most recently used: connections of
+    /// `server` (and of worker `only`, if given; `others` notes that some were skipped).
+    #[allow(clippy::too_many_arguments)]
+    fn scan(
+        &mut self,
+        server: usize,
+        only: Option<usize>,
+        others: &mut bool,
+        now: Instant,
+        risk: Risk,
+        alive: &mut impl FnMut(&C) -> Liveness,
+        closed: &mut impl FnMut(C, ConnMeta, Reason),
     ) -> Option<Reused<C>> {
         let careful = risk == Risk::MustNotRetry && self.guards.risk_aware_checkout;
         let mut at = self.idle.len();
@@ -266,6 +323,10 @@ impl<C> Pool<C> {
             at -= 1;
             let entry = &self.idle[at];
             if entry.meta.server != server {
+                continue;
+            }
+            if only.is_some_and(|w| w != entry.meta.worker) {
+                *others = true;
                 continue;
             }
             let budget = self.budget(&entry.meta, now);

@@ -6,7 +6,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use socket2::{Domain, Socket, Type};
 use tokio::net::TcpListener;
+use tokio::runtime::Handle;
 
 use crate::access_log::{AccessLog, Writer};
 use crate::config::{self, Config};
@@ -21,6 +23,25 @@ pub enum StartError {
     Bind { addr: SocketAddr, source: io::Error },
     #[error("access_log {path}: {source}")]
     AccessLog { path: String, source: io::Error },
+}
+
+/// Pending connections the kernel queues per listener before accepting: Linux's default
+/// `somaxconn` since 5.4, and what tokio's own `bind` asks for.
+const BACKLOG: i32 = 1024;
+
+/// A non-blocking listener on `addr`; with `shared`, others may bind the same address
+/// (`SO_REUSEPORT`), one per worker.
+fn bind(addr: SocketAddr, shared: bool) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    // As tokio's and std's own bind: a restart must not wait out TIME_WAIT.
+    socket.set_reuse_address(true)?;
+    if shared {
+        socket.set_reuse_port(true)?;
+    }
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
 }
 
 /// How long shutdown waits for the access log to flush its last lines.
@@ -44,15 +65,33 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
 
 /// [`start`], resolving servers given by name with `resolver` instead of the system's.
 pub async fn start_with(config: &Config, resolver: Resolver) -> Result<Running, StartError> {
+    start_on(config, resolver, &[]).await
+}
+
+/// [`start_with`], accepting clients on the runtime that calls it and on each of `workers`
+/// too: every listen address is bound once per runtime with `SO_REUSEPORT`, so the kernel
+/// spreads new connections over them, and each connection stays on the runtime that accepted
+/// it. Background tasks (reapers, checks, DNS) run on the calling runtime.
+pub async fn start_on(
+    config: &Config,
+    resolver: Resolver,
+    workers: &[Handle],
+) -> Result<Running, StartError> {
+    let shared = !workers.is_empty();
     let mut listeners = Vec::with_capacity(config.listen.len());
     for addr in &config.listen {
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| StartError::Bind {
-                addr: *addr,
-                source,
-            })?;
-        listeners.push(listener);
+        let bind_error = |source| StartError::Bind {
+            addr: *addr,
+            source,
+        };
+        let first = bind(*addr, shared).map_err(bind_error)?;
+        // Port 0 picks a port once; every runtime's listener takes that one.
+        let port = first.local_addr().map_err(bind_error)?.port();
+        let mut others = Vec::with_capacity(workers.len());
+        for _ in workers {
+            others.push(bind(SocketAddr::new(addr.ip(), port), true).map_err(bind_error)?);
+        }
+        listeners.push((first, others));
     }
     let admin = match config.admin {
         Some(addr) => Some(
@@ -88,13 +127,22 @@ pub async fn start_with(config: &Config, resolver: Resolver) -> Result<Running, 
         shutdown.clone(),
     ));
     let mut listen = Vec::with_capacity(listeners.len());
-    for listener in listeners {
-        listen.push(
-            listener
-                .local_addr()
-                .expect("a bound listener has an address"),
-        );
-        tokio::spawn(downstream.clone().serve(listener));
+    for (first, others) in listeners {
+        let addr = first.local_addr().expect("a bound listener has an address");
+        listen.push(addr);
+        let first =
+            TcpListener::from_std(first).map_err(|source| StartError::Bind { addr, source })?;
+        tokio::spawn(downstream.clone().serve(first));
+        for (listener, worker) in others.into_iter().zip(workers) {
+            let downstream = downstream.clone();
+            // Registered from inside the worker's runtime, whose reactor then watches it.
+            worker.spawn(async move {
+                match TcpListener::from_std(listener) {
+                    Ok(listener) => downstream.serve(listener).await,
+                    Err(error) => tracing::error!(%addr, %error, "a worker cannot listen"),
+                }
+            });
+        }
     }
     let admin_addr = admin
         .as_ref()
@@ -146,7 +194,12 @@ impl Running {
 
 /// Runs until SIGINT or SIGTERM, then shuts down gracefully.
 pub async fn run(config: &Config) -> Result<bool, StartError> {
-    let running = start(config).await?;
+    run_on(config, &[]).await
+}
+
+/// [`run`], with clients accepted on `workers` too (see [`start_on`]).
+pub async fn run_on(config: &Config, workers: &[Handle]) -> Result<bool, StartError> {
+    let running = start_on(config, Arc::new(System), workers).await?;
     for addr in &running.listen {
         tracing::info!("kaguard listening on {addr}");
     }

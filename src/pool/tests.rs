@@ -67,6 +67,32 @@ fn checkout_prefers_most_recently_used_of_that_server() {
 }
 
 #[test]
+fn checkout_prefers_a_connection_of_the_same_worker() {
+    let t0 = Instant::now();
+    let mut pool = pool(ALL);
+    for (id, worker) in [(1, 0), (2, 1), (3, 0)] {
+        let m = ConnMeta {
+            worker,
+            ..meta(id, 0, t0)
+        };
+        pool.checkin(id, m, DONE, t0 + MS * id as u32, keep);
+    }
+    let now = t0 + 10 * MS;
+    let take = |pool: &mut Pool<u64>, worker| {
+        pool.checkout_prefer(0, Some(worker), now, Risk::Retryable, alive, keep)
+            .map(|r| r.conn)
+    };
+    assert_eq!(
+        take(&mut pool, 1),
+        Some(2),
+        "its own, though not the most recent"
+    );
+    assert_eq!(take(&mut pool, 1), Some(3), "none of its own left: any");
+    assert_eq!(take(&mut pool, 0), Some(1));
+    assert_eq!(take(&mut pool, 0), None);
+}
+
+#[test]
 fn idle_list_never_holds_more_than_keepalive() {
     let t0 = Instant::now();
     let mut pool = pool(ALL);

@@ -302,9 +302,11 @@ impl Group {
     /// Lends an idle connection to `server` fit for a request of this `risk`.
     pub fn checkout(self: &Arc<Self>, server: usize, now: Instant, risk: Risk) -> Option<Lease> {
         let peek = self.guards.check_before_reuse;
+        let worker = crate::worker::current();
         let reused = self.with_pool(|pool, closed| {
-            pool.checkout(
+            pool.checkout_prefer(
                 server,
+                Some(worker),
                 now,
                 risk,
                 |c| self.liveness(c, server, now, peek),
@@ -325,11 +327,14 @@ impl Group {
         match UpstreamConn::connect(addr, self.connect_timeout).await {
             Ok(conn) => {
                 metrics.opened.inc();
-                let meta = ConnMeta::new(
-                    NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed),
-                    server,
-                    Instant::now(),
-                );
+                let meta = ConnMeta {
+                    worker: crate::worker::current(),
+                    ..ConnMeta::new(
+                        NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed),
+                        server,
+                        Instant::now(),
+                    )
+                };
                 Ok(self.lease(conn, meta, false, Duration::ZERO))
             }
             Err(failure) => {
