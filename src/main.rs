@@ -162,7 +162,7 @@ fn run(args: RunArgs) -> ExitCode {
     if let Some(workers) = args.workers.filter(|w| *w > 0) {
         config.workers = workers;
     }
-    let (rt, workers) = match worker_runtimes(config.workers) {
+    let (rt, workers, _others) = match worker_runtimes(config.workers) {
         Ok(runtimes) => runtimes,
         Err(err) => return fail(err),
     };
@@ -173,30 +173,32 @@ fn run(args: RunArgs) -> ExitCode {
     }
 }
 
-/// One single-threaded runtime per worker: this thread's, and one on a thread of its own for
-/// each other worker, which runs until the process exits. Returns this thread's runtime and
-/// the others' handles.
-fn worker_runtimes(
-    workers: usize,
-) -> std::io::Result<(tokio::runtime::Runtime, Vec<tokio::runtime::Handle>)> {
-    let single = || {
-        tokio::runtime::Builder::new_current_thread()
+/// One runtime per worker, each with a single thread of its own: tasks never move between
+/// threads, and a task woken by another runs next on the same thread (tokio's LIFO slot,
+/// which the multi-threaded scheduler has and the current-thread one lacks), as a request
+/// and its upstream connection hand each other the exchange. Returns the first runtime, the
+/// others' handles, and the others, which must live as long as the process serves.
+fn worker_runtimes(workers: usize) -> std::io::Result<WorkerRuntimes> {
+    let build = |index: usize| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name(format!("kaguard-worker-{index}"))
+            .on_thread_start(move || kaguard::worker::set(index))
             .enable_all()
             .build()
     };
-    let mut handles = Vec::with_capacity(workers.saturating_sub(1));
-    for index in 1..workers.max(1) {
-        let rt = single()?;
-        handles.push(rt.handle().clone());
-        std::thread::Builder::new()
-            .name(format!("kaguard-worker-{index}"))
-            .spawn(move || {
-                kaguard::worker::set(index);
-                rt.block_on(std::future::pending::<()>());
-            })?;
-    }
-    Ok((single()?, handles))
+    let others = (1..workers.max(1))
+        .map(build)
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let handles = others.iter().map(|rt| rt.handle().clone()).collect();
+    Ok((build(0)?, handles, others))
 }
+
+type WorkerRuntimes = (
+    tokio::runtime::Runtime,
+    Vec<tokio::runtime::Handle>,
+    Vec<tokio::runtime::Runtime>,
+);
 
 /// The tools' runtime: one thread per core, as they run many clients at once.
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
