@@ -3,50 +3,15 @@
 
 mod support;
 
-use std::collections::HashMap;
-use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use kaguard::config::{Config, ServerConfig};
-use kaguard::resolve::{Answer, Lookup, Resolve};
 use kaguard::tools::upstream::{Behaviour, TestUpstream};
 use support::*;
 
-const NAME: &str = "app.test:80";
-
-/// Answers from a table the test changes; a name it lacks fails to resolve.
-#[derive(Default)]
-struct Table {
-    answers: Mutex<HashMap<String, Vec<SocketAddr>>>,
-    lookups: AtomicUsize,
-}
-
-impl Table {
-    fn set(&self, addrs: &[SocketAddr]) {
-        self.answers
-            .lock()
-            .unwrap()
-            .insert(NAME.into(), addrs.to_vec());
-    }
-
-    fn fail(&self) {
-        self.answers.lock().unwrap().remove(NAME);
-    }
-}
-
-impl Resolve for Table {
-    fn resolve<'a>(&'a self, name: &'a str) -> Lookup<'a> {
-        self.lookups.fetch_add(1, Ordering::SeqCst);
-        let addrs = self.answers.lock().unwrap().get(name).cloned();
-        Box::pin(async move {
-            let addrs = addrs.ok_or_else(|| io::Error::other("no such name"))?;
-            Ok(Answer { addrs, ttl: None })
-        })
-    }
-}
+const NAME: &str = DNS_NAME;
 
 /// One group whose only server is `NAME`, resolved at start to `addrs`, again every 50 ms.
 fn named(addrs: &[SocketAddr]) -> Config {
@@ -80,7 +45,7 @@ async fn get_until(client: &mut Client, until: impl Fn() -> bool) -> usize {
 async fn a_dns_change_moves_traffic_and_drains_the_old_address() {
     let old = upstream(Behaviour::default()).await;
     let new = upstream(Behaviour::default()).await;
-    let table = Arc::new(Table::default());
+    let table = Arc::new(DnsTable::default());
     table.set(&[old.addr()]);
     let kg = start_with(named(&[old.addr()]), table.clone()).await;
     let mut client = Client::connect(kg.addr).await;
@@ -100,7 +65,7 @@ async fn a_dns_change_moves_traffic_and_drains_the_old_address() {
     table.set(&[new.addr()]);
     let errors = get_until(&mut client, || new.requests() >= 5).await;
     assert_eq!(errors, 0);
-    assert!(table.lookups.load(Ordering::SeqCst) >= 2);
+    assert!(table.lookups.load(std::sync::atomic::Ordering::SeqCst) >= 2);
     assert_eq!(
         in_flight.await.unwrap(),
         200,
@@ -134,7 +99,7 @@ async fn every_address_of_a_name_takes_traffic_and_a_failed_lookup_keeps_them() 
         upstream(Behaviour::default()).await,
     ];
     let addrs: Vec<_> = ups.iter().map(TestUpstream::addr).collect();
-    let table = Arc::new(Table::default());
+    let table = Arc::new(DnsTable::default());
     table.set(&addrs[..2]);
     let kg = start_with(named(&addrs[..2]), table.clone()).await;
     let mut client = Client::connect(kg.addr).await;
@@ -175,7 +140,7 @@ async fn every_address_of_a_name_takes_traffic_and_a_failed_lookup_keeps_them() 
 #[tokio::test]
 async fn a_server_given_by_ip_is_never_resolved_again() {
     let up = upstream(Behaviour::default()).await;
-    let table = Arc::new(Table::default());
+    let table = Arc::new(DnsTable::default());
     let mut cfg = config(&[up.addr()]);
     cfg.upstreams[0].resolve_interval = Duration::from_millis(20);
     let kg = start_with(cfg, table.clone()).await;
@@ -185,17 +150,17 @@ async fn a_server_given_by_ip_is_never_resolved_again() {
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
     assert_eq!(up.requests(), 5);
-    assert_eq!(table.lookups.load(Ordering::SeqCst), 0);
+    assert_eq!(table.lookups.load(std::sync::atomic::Ordering::SeqCst), 0);
 }
 
 #[tokio::test]
 async fn resolving_again_can_be_switched_off() {
     let up = upstream(Behaviour::default()).await;
-    let table = Arc::new(Table::default());
+    let table = Arc::new(DnsTable::default());
     table.set(&[up.addr()]);
     let mut cfg = named(&[up.addr()]);
     cfg.upstreams[0].resolve_interval = Duration::ZERO;
     let _kg = start_with(cfg, table.clone()).await;
     tokio::time::sleep(Duration::from_millis(150)).await;
-    assert_eq!(table.lookups.load(Ordering::SeqCst), 0);
+    assert_eq!(table.lookups.load(std::sync::atomic::Ordering::SeqCst), 0);
 }

@@ -4,13 +4,11 @@
 
 mod support;
 
-use std::collections::HashMap;
 use std::future::Future;
-use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -18,37 +16,12 @@ use kaguard::config::{Config, ServerConfig, UpstreamGroupConfig};
 use kaguard::metrics::Metrics;
 use kaguard::pool::Risk;
 use kaguard::proxy::group::{self, Group};
-use kaguard::resolve::{Answer, Lookup, Resolve};
 use kaguard::tools::upstream::Behaviour;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
-const NAME: &str = "app.test:80";
-
-#[derive(Default)]
-struct Table {
-    answers: Mutex<HashMap<String, Vec<SocketAddr>>>,
-}
-
-impl Table {
-    fn set(&self, addrs: &[SocketAddr]) {
-        self.answers
-            .lock()
-            .unwrap()
-            .insert(NAME.into(), addrs.to_vec());
-    }
-}
-
-impl Resolve for Table {
-    fn resolve<'a>(&'a self, name: &'a str) -> Lookup<'a> {
-        let addrs = self.answers.lock().unwrap().get(name).cloned();
-        Box::pin(async move {
-            let addrs = addrs.ok_or_else(|| io::Error::other("no such name"))?;
-            Ok(Answer { addrs, ttl: None })
-        })
-    }
-}
+const NAME: &str = DNS_NAME;
 
 fn named(addrs: &[SocketAddr]) -> ServerConfig {
     let mut server = ServerConfig::new(NAME, addrs[0]);
@@ -152,7 +125,13 @@ fn kg_config(servers: Vec<ServerConfig>) -> Config {
 
 /// Moves slot 0 from `a` to `b` through an intermediate answer `c` while a connect to `a` is
 /// under way: `[c]` drains slot 0 (nothing counted in flight during a connect), `[b]` reuses it.
-async fn move_slot_zero(kg: &Kaguard, table: &Table, a: SocketAddr, b: SocketAddr, c: SocketAddr) {
+async fn move_slot_zero(
+    kg: &Kaguard,
+    table: &DnsTable,
+    a: SocketAddr,
+    b: SocketAddr,
+    c: SocketAddr,
+) {
     table.set(&[c]);
     wait_for(kg, "slot 0 drains", |s| {
         s[0]["addr"] == a.to_string() && s[0]["draining"] == true
@@ -201,7 +180,7 @@ async fn after_a_move_no_request_reaches_the_old_address_on_a_pooled_connection(
     let (la, a, dummy) = stalled_listener().await;
     let b = upstream(Behaviour::default()).await;
     let c = upstream(Behaviour::default()).await;
-    let table = Arc::new(Table::default());
+    let table = Arc::new(DnsTable::default());
     table.set(&[a]);
     let mut cfg = kg_config(vec![named(&[a])]);
     cfg.upstreams[0].connect_timeout = Duration::from_secs(30);
@@ -247,7 +226,7 @@ async fn a_failed_connect_to_the_old_address_does_not_take_the_new_one_out() {
     let b = upstream(Behaviour::default()).await;
     let c = upstream(Behaviour::default()).await;
     let other = upstream(Behaviour::default()).await;
-    let table = Arc::new(Table::default());
+    let table = Arc::new(DnsTable::default());
     table.set(&[a]);
     let cfg = kg_config(vec![
         named(&[a]),

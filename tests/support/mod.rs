@@ -292,3 +292,38 @@ impl Drop for Isolated {
         }
     }
 }
+
+/// The name the DNS tests give their one server.
+pub const DNS_NAME: &str = "app.test:80";
+
+/// A resolver answering `DNS_NAME` from a table the test changes (every address 127.0.0.1,
+/// told apart by port); a name it lacks fails to resolve. Counts lookups.
+#[derive(Default)]
+pub struct DnsTable {
+    answers: std::sync::Mutex<std::collections::HashMap<String, Vec<SocketAddr>>>,
+    pub lookups: AtomicU64,
+}
+
+impl DnsTable {
+    pub fn set(&self, addrs: &[SocketAddr]) {
+        self.answers
+            .lock()
+            .unwrap()
+            .insert(DNS_NAME.into(), addrs.to_vec());
+    }
+
+    pub fn fail(&self) {
+        self.answers.lock().unwrap().remove(DNS_NAME);
+    }
+}
+
+impl kaguard::resolve::Resolve for DnsTable {
+    fn resolve<'a>(&'a self, name: &'a str) -> kaguard::resolve::Lookup<'a> {
+        self.lookups.fetch_add(1, Ordering::SeqCst);
+        let addrs = self.answers.lock().unwrap().get(name).cloned();
+        Box::pin(async move {
+            let addrs = addrs.ok_or_else(|| std::io::Error::other("no such name"))?;
+            Ok(kaguard::resolve::Answer { addrs, ttl: None })
+        })
+    }
+}
