@@ -49,12 +49,8 @@ async fn staggered(addr: SocketAddr, n: usize, gap: Duration) {
 
 #[tokio::test]
 async fn weighted_round_robin_distributes_in_proportion() {
-    let ups = [
-        upstream(Behaviour::default()).await,
-        upstream(Behaviour::default()).await,
-        upstream(Behaviour::default()).await,
-    ];
-    let addrs: Vec<_> = ups.iter().map(TestUpstream::addr).collect();
+    let ups = several(3, Behaviour::default()).await;
+    let addrs = addrs_of(&ups);
     let kg = start(group(&addrs, Balance::RoundRobin, &[3, 1, 1])).await;
     let mut client = Client::connect(kg.addr).await;
     for _ in 0..50 {
@@ -74,7 +70,7 @@ async fn least_conn_keeps_requests_away_from_a_busy_server() {
             upstream(Behaviour::default()).await,
             upstream(Behaviour::default()).await,
         ];
-        let addrs: Vec<_> = ups.iter().map(TestUpstream::addr).collect();
+        let addrs = addrs_of(&ups);
         let kg = start(group(&addrs, balance, &[1, 1, 1])).await;
         // 12 requests over about 300 ms: the slow server holds its first one for 400 ms.
         staggered(kg.addr, 12, Duration::from_millis(25)).await;
@@ -93,7 +89,7 @@ async fn power_of_two_choices_by_load_avoids_a_busy_server() {
         upstream(Behaviour::default()).await,
         upstream(Behaviour::default()).await,
     ];
-    let addrs: Vec<_> = ups.iter().map(TestUpstream::addr).collect();
+    let addrs = addrs_of(&ups);
     let kg = start(group(&addrs, Balance::P2cLoad, &[1, 1, 1])).await;
     staggered(kg.addr, 12, Duration::from_millis(25)).await;
     assert!(
@@ -116,7 +112,7 @@ async fn power_of_two_choices_by_latency_avoids_a_slow_server() {
         upstream(Behaviour::default()).await,
         upstream(Behaviour::default()).await,
     ];
-    let addrs: Vec<_> = ups.iter().map(TestUpstream::addr).collect();
+    let addrs = addrs_of(&ups);
     let kg = start(group(&addrs, Balance::P2cEwma, &[1, 1, 1])).await;
     let mut client = Client::connect(kg.addr).await;
     for _ in 0..40 {
@@ -156,12 +152,8 @@ async fn load(addr: SocketAddr, clients: usize, each: usize) -> usize {
 
 #[tokio::test]
 async fn killed_server_costs_no_get_and_is_taken_out() {
-    let mut ups = vec![
-        upstream(Behaviour::default()).await,
-        upstream(Behaviour::default()).await,
-        upstream(Behaviour::default()).await,
-    ];
-    let addrs: Vec<_> = ups.iter().map(TestUpstream::addr).collect();
+    let mut ups = several(3, Behaviour::default()).await;
+    let addrs = addrs_of(&ups);
     let mut cfg = group(&addrs, Balance::RoundRobin, &[1, 1, 1]);
     cfg.upstreams[0].fail_timeout = Duration::from_secs(30);
     for server in &mut cfg.upstreams[0].servers {
@@ -197,12 +189,8 @@ async fn killed_server_costs_no_get_and_is_taken_out() {
 
 #[tokio::test]
 async fn rolling_restart_of_every_server_costs_no_get() {
-    let mut ups = vec![
-        upstream(Behaviour::default()).await,
-        upstream(Behaviour::default()).await,
-        upstream(Behaviour::default()).await,
-    ];
-    let addrs: Vec<_> = ups.iter().map(TestUpstream::addr).collect();
+    let mut ups = several(3, Behaviour::default()).await;
+    let addrs = addrs_of(&ups);
     let mut cfg = group(&addrs, Balance::RoundRobin, &[1, 1, 1]);
     for server in &mut cfg.upstreams[0].servers {
         server.fail_timeout = Duration::from_millis(200);
@@ -379,12 +367,8 @@ async fn graceful_rolling_restart(verb: Verb) -> Restart {
         delay: GRACEFUL_DELAY,
         ..Behaviour::default()
     };
-    let mut ups = vec![
-        upstream(behaviour.clone()).await,
-        upstream(behaviour.clone()).await,
-        upstream(behaviour.clone()).await,
-    ];
-    let addrs: Vec<_> = ups.iter().map(TestUpstream::addr).collect();
+    let mut ups = several(3, behaviour.clone()).await;
+    let addrs = addrs_of(&ups);
     let mut cfg = group(&addrs, Balance::RoundRobin, &[1, 1, 1]);
     // A refused connect takes a restarting server out; it is back soon after it is.
     for server in &mut cfg.upstreams[0].servers {

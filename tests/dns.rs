@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kaguard::config::{Config, ServerConfig};
-use kaguard::tools::upstream::{Behaviour, TestUpstream};
+use kaguard::tools::upstream::Behaviour;
 use support::*;
 
 const NAME: &str = DNS_NAME;
@@ -98,7 +98,7 @@ async fn every_address_of_a_name_takes_traffic_and_a_failed_lookup_keeps_them() 
         upstream(Behaviour::default()).await,
         upstream(Behaviour::default()).await,
     ];
-    let addrs: Vec<_> = ups.iter().map(TestUpstream::addr).collect();
+    let addrs = addrs_of(&ups);
     let table = Arc::new(DnsTable::default());
     table.set(&addrs[..2]);
     let kg = start_with(named(&addrs[..2]), table.clone()).await;

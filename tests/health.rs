@@ -95,12 +95,8 @@ fn received(upstream: &TestUpstream, prefix: &str) -> usize {
 
 #[tokio::test]
 async fn server_that_stops_accepting_is_taken_out_by_checks_and_back_once_it_passes_again() {
-    let mut ups = vec![
-        upstream(Behaviour::default()).await,
-        upstream(Behaviour::default()).await,
-        upstream(Behaviour::default()).await,
-    ];
-    let addrs: Vec<_> = ups.iter().map(TestUpstream::addr).collect();
+    let mut ups = several(3, Behaviour::default()).await;
+    let addrs = addrs_of(&ups);
     let kg = start(checked(&addrs)).await;
     let mut client = Client::connect(kg.addr).await;
     for i in 0..6 {
@@ -168,7 +164,7 @@ async fn server_answering_its_check_outside_expect_status_is_taken_out_and_the_o
         upstream(sick).await,
         upstream(Behaviour::default()).await,
     ];
-    let addrs: Vec<_> = ups.iter().map(TestUpstream::addr).collect();
+    let addrs = addrs_of(&ups);
     let kg = start(checked(&addrs)).await;
     wait_until(&kg, addrs[1], false).await;
     for healthy in [addrs[0], addrs[2]] {
@@ -269,7 +265,7 @@ async fn upstreams_lists_every_server_with_checks_off_when_the_group_has_none() 
         upstream(Behaviour::default()).await,
         upstream(Behaviour::default()).await,
     ];
-    let addrs: Vec<_> = ups.iter().map(TestUpstream::addr).collect();
+    let addrs = addrs_of(&ups);
     let kg = start(config(&addrs)).await;
     let view = upstreams(&kg).await;
     let expected = serde_json::json!([{

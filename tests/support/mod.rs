@@ -26,6 +26,20 @@ pub async fn upstream(behaviour: Behaviour) -> TestUpstream {
         .expect("test upstream starts")
 }
 
+/// `n` test upstreams alike, as most tests with several servers need.
+pub async fn several(n: usize, behaviour: Behaviour) -> Vec<TestUpstream> {
+    let mut ups = Vec::with_capacity(n);
+    for _ in 0..n {
+        ups.push(upstream(behaviour.clone()).await);
+    }
+    ups
+}
+
+/// Their addresses, in order.
+pub fn addrs_of(ups: &[TestUpstream]) -> Vec<SocketAddr> {
+    ups.iter().map(TestUpstream::addr).collect()
+}
+
 /// A config with every default, one group "default" holding `servers`.
 pub fn config(servers: &[SocketAddr]) -> Config {
     let servers: Vec<String> = servers.iter().map(|a| a.to_string()).collect();
