@@ -132,11 +132,13 @@ fn by_load(a: &Candidate, b: &Candidate) -> Ordering {
 }
 
 /// Compares linkerd's cost, latency x (in flight + 1), per unit of weight. A server whose
-/// latency is not known yet is compared by load alone: counting it as zero latency would send
-/// it every request until its first answer.
+/// latency is not known yet is compared by load, and wins a tie so that it gets the request
+/// that teaches its latency. Counting it as zero latency would instead send it every request
+/// until its first answer; a coin toss on the tie would keep handing a known slow server
+/// half of the picks it shares with a new one.
 fn by_latency(a: &Candidate, b: &Candidate) -> Ordering {
     if a.ewma.is_zero() || b.ewma.is_zero() {
-        return by_load(a, b);
+        return by_load(a, b).then_with(|| b.ewma.is_zero().cmp(&a.ewma.is_zero()));
     }
     let cost = |s: &Candidate, other: &Candidate| {
         s.ewma

@@ -118,7 +118,8 @@ async fn power_of_two_choices_by_latency_avoids_a_slow_server() {
     for _ in 0..40 {
         assert_eq!(client.get("/").await.status(), 200);
     }
-    // Until its first answer its latency is unknown; after it, any pair holds a faster server.
+    // It can be picked once while every latency is unknown; after that, any pair it is in
+    // holds a server that is faster or not yet known, and either wins.
     assert!(
         ups[0].requests() <= 3,
         "the slow server got {} of 40",

@@ -145,6 +145,27 @@ fn p2c_ewma_compares_latency_times_load() {
 }
 
 #[test]
+fn p2c_ewma_gives_an_equally_loaded_unknown_server_the_pick() {
+    let known_slow = Candidate {
+        ewma: Duration::from_millis(200),
+        ..server(1)
+    };
+    let unknown = server(1);
+    let mut balancer = Balancer::new(Balance::P2cEwma, 2);
+    // Whichever of the two is drawn first, the unknown one gets the request that teaches
+    // its latency.
+    for first in [0, 1] {
+        let mut draws = [first, 0].into_iter();
+        let mut random = |_: usize| draws.next().expect("two draws");
+        assert_eq!(
+            balancer.pick(&[known_slow, unknown], None, &mut random),
+            Some(1),
+            "drawn first: {first}"
+        );
+    }
+}
+
+#[test]
 fn peak_ewma_jumps_to_a_higher_sample_at_once() {
     let t0 = Instant::now();
     let mut ewma = PeakEwma::new(EWMA_DECAY);
