@@ -139,7 +139,7 @@ impl Failure {
             Failure::ReadTimeout(_) => "upstream_response_timeout",
             Failure::SendTimeout(_) => "upstream_request_send_timeout",
             Failure::InvalidResponse => "upstream_reset_before_response_started{protocol_error}",
-            Failure::RequestBody(_) => "downstream_remote_disconnect",
+            Failure::RequestBody(err) => err.details(),
         }
     }
 

@@ -156,7 +156,7 @@ impl Proxy {
             Err(err) => {
                 tracing::info!(client = %client.addr.ip(), request = %entry.request, "{err}");
                 entry.flag("DC");
-                entry.response_details = "downstream_request_body_failed".into();
+                entry.response_details = err.details().into();
                 return Ok(self.local(err.status(), None, entry, start, vec![]));
             }
         };

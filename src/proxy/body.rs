@@ -41,6 +41,17 @@ impl BodyError {
         }
     }
 
+    /// The access log's `response_details`. Envoy's words where it has them; a timeout or a
+    /// malformed body is not a disconnect and is not logged as one.
+    pub fn details(&self) -> &'static str {
+        match self {
+            BodyError::TooLarge(_) => "request_payload_too_large",
+            BodyError::Timeout => "downstream_request_body_timeout",
+            BodyError::Malformed => "downstream_request_body_malformed",
+            BodyError::Closed => "downstream_remote_disconnect",
+        }
+    }
+
     fn from_hyper(err: &hyper::Error) -> BodyError {
         if err.is_incomplete_message() || err.is_canceled() || err.is_closed() {
             BodyError::Closed
