@@ -1,11 +1,12 @@
-//! The client side: accept loop, one hyper HTTP/1 server connection per client, keep-alive
-//! rules, the client timeouts, and graceful shutdown.
+//! The client side: accept loop, a hyper HTTP/1 server connection per client while it is busy
+//! (an idle one holds only its socket), keep-alive rules, the client timeouts, and graceful
+//! shutdown.
 
 mod io;
 
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
 use std::net::SocketAddr;
-use std::pin::pin;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::Poll;
@@ -17,6 +18,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 
@@ -30,6 +32,24 @@ use io::{ClientSide, Tracker, Wait};
 /// `Keep-Alive: timeout=N` (Node's agent, undici) then always close first, so kaguard never
 /// closes a connection a client is about to write into: the race, avoided on our own side.
 pub const IDLE_GRACE: Duration = Duration::from_secs(1);
+
+/// How long a client connection stays idle before hyper's state for it, 16 KiB of buffers
+/// and more, is dropped until the client sends again. Longer than the gap between the requests
+/// of a busy client, so back-to-back traffic never pays for building that state again; short
+/// enough that idle connections, usually most of them, hold little more than their socket.
+pub const PARK_AFTER: Duration = Duration::from_millis(100);
+
+/// The future of one request, boxed: hyper keeps room for the service's future for as long
+/// as it serves a connection.
+type Handling = Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, Abort>> + Send>>;
+
+/// How a hyper connection ended.
+enum Served {
+    /// The connection is over.
+    Ended,
+    /// Idle: hyper's state is dropped, the socket comes back.
+    Parked(Observed<ClientSide>),
+}
 
 /// Client-side timeouts, resolved from the config.
 #[derive(Clone, Copy, Debug)]
@@ -97,6 +117,9 @@ impl Downstream {
         }
     }
 
+    /// Serves one client connection to its end. Idle for [`PARK_AFTER`], it is parked: hyper's
+    /// state is dropped and only the socket waits, until the client sends again, the idle
+    /// hold passes, or shutdown.
     async fn connection(self: Arc<Self>, stream: TcpStream, addr: SocketAddr) {
         let metrics = self.proxy.metrics().clone();
         metrics.downstream_accepted.inc();
@@ -104,42 +127,88 @@ impl Downstream {
         let _ = stream.set_nodelay(true);
         let serial = self.next_serial.fetch_add(1, Ordering::Relaxed);
         let tracker = Arc::new(Tracker::new(Instant::now()));
-        let io = Observed::new(
+        let mut io = Observed::new(
             stream,
             ClientSide::new(tracker.clone(), self.max_header_size),
         );
+        let mut stop = pin!(self.shutdown.begun());
+        // The request count when the connection last parked: it parks once per idle spell.
+        let mut parked_after = None;
+        loop {
+            // Boxed, so that a parked connection's task does not keep room for hyper's
+            // connection while it waits.
+            let served = Box::pin(self.serve_until_parked(
+                io,
+                addr,
+                serial,
+                &tracker,
+                stop.as_mut(),
+                &mut parked_after,
+            ))
+            .await;
+            let Served::Parked(parked) = served else {
+                break;
+            };
+            io = parked;
+            if io.has_unread() {
+                continue;
+            }
+            metrics.downstream_parked.inc();
+            let resume = self.wait_parked(&io, &tracker, stop.as_mut()).await;
+            metrics.downstream_parked.dec();
+            if !resume {
+                // Idle too long, or shutting down: the close hyper would have made.
+                let _ = io.shutdown().await;
+                break;
+            }
+        }
+        metrics.downstream_active.dec();
+    }
+
+    /// Serves requests with a hyper connection until the client is done with the connection,
+    /// or it has been idle for [`PARK_AFTER`] and hyper's state is dropped.
+    async fn serve_until_parked(
+        self: &Arc<Self>,
+        io: Observed<ClientSide>,
+        addr: SocketAddr,
+        serial: u64,
+        tracker: &Arc<Tracker>,
+        mut stop: Pin<&mut impl Future<Output = ()>>,
+        parked_after: &mut Option<u64>,
+    ) -> Served {
         let this = self.clone();
         let service_tracker = tracker.clone();
-        let service = service_fn(move |req: Request<Incoming>| {
+        let service = service_fn(move |req: Request<Incoming>| -> Handling {
             let this = this.clone();
             let tracker = service_tracker.clone();
-            async move { this.request(req, addr, serial, tracker).await }
+            Box::pin(async move { this.request(req, addr, serial, tracker).await })
         });
-        let conn = http1::Builder::new()
+        let mut conn = http1::Builder::new()
             .keep_alive(true)
             .header_read_timeout(None)
             .max_header_size(self.max_header_size)
             .serve_connection(TokioIo::new(io), service);
-        let mut conn = pin!(conn);
-        let mut stop = pin!(self.shutdown.begun());
         let mut sleep = pin!(tokio::time::sleep(Duration::from_secs(3600)));
         let mut closing = false;
+        let parkable = |parked_after: &Option<u64>| {
+            let idle = tracker.idle_since()?;
+            (*parked_after != Some(tracker.requests())).then_some(idle + PARK_AFTER)
+        };
         let result = poll_fn(|cx| {
             loop {
-                if let Poll::Ready(res) = conn.as_mut().poll(cx) {
+                if let Poll::Ready(res) = conn.poll_without_shutdown(cx) {
                     return Poll::Ready(Some(res));
                 }
                 if !closing && stop.as_mut().poll(cx).is_ready() {
                     closing = true;
-                    conn.as_mut().graceful_shutdown();
+                    Pin::new(&mut conn).graceful_shutdown();
                     continue;
                 }
-                // While closing, only the abort deadlines still matter: a graceful close can
-                // wait forever on a client that does not read.
                 let deadline = match tracker.wait(&self.timeouts) {
                     Wait::Busy => return Poll::Pending,
                     Wait::Idle(_) if closing => return Poll::Pending,
-                    Wait::Idle(at) | Wait::Abort(at) => at,
+                    Wait::Idle(at) => parkable(parked_after).map_or(at, |p| p.min(at)),
+                    Wait::Abort(at) => at,
                 };
                 if sleep.deadline() != deadline.into() {
                     sleep.as_mut().reset(deadline.into());
@@ -148,9 +217,16 @@ impl Downstream {
                     return Poll::Pending;
                 }
                 match tracker.wait(&self.timeouts) {
+                    Wait::Idle(at) if !closing && Instant::now() < at => {
+                        if parkable(parked_after).is_some() {
+                            // hyper reads again when polled; that read ends the stream.
+                            *parked_after = Some(tracker.requests());
+                            tracker.ask_to_park();
+                        }
+                    }
                     Wait::Idle(_) if !closing => {
                         closing = true;
-                        conn.as_mut().graceful_shutdown();
+                        Pin::new(&mut conn).graceful_shutdown();
                     }
                     Wait::Abort(_) => return Poll::Ready(None),
                     Wait::Idle(_) | Wait::Busy => return Poll::Pending,
@@ -158,6 +234,16 @@ impl Downstream {
             }
         })
         .await;
+        if tracker.take_parked() {
+            // Ended by the park: an empty read buffer, or the start of a request the client
+            // sent early, which the next connection reads first.
+            let parts = conn.into_parts();
+            let mut io = parts.io.into_inner();
+            if !parts.read_buf.is_empty() {
+                io.unread(parts.read_buf);
+            }
+            return Served::Parked(io);
+        }
         match result {
             Some(Err(err)) if err.is_parse() => {
                 tracing::info!(client = %addr.ip(), "client sent invalid request: {err}");
@@ -165,10 +251,35 @@ impl Downstream {
             Some(Err(err)) => {
                 tracing::debug!(client = %addr.ip(), "client connection ended: {err}")
             }
-            Some(Ok(())) => {}
+            Some(Ok(())) => {
+                let _ = conn.into_parts().io.into_inner().shutdown().await;
+            }
             None => tracing::info!(client = %addr.ip(), "client timed out"),
         }
-        metrics.downstream_active.dec();
+        Served::Ended
+    }
+
+    /// Waits, holding only the socket, until the parked client sends something. False when
+    /// the connection should close instead: idle past its hold, or shutdown.
+    async fn wait_parked(
+        &self,
+        io: &Observed<ClientSide>,
+        tracker: &Tracker,
+        stop: Pin<&mut impl Future<Output = ()>>,
+    ) -> bool {
+        // `stop` has not completed unless shutdown has begun; it must not be polled again.
+        if self.shutdown.is_begun() {
+            return false;
+        }
+        let Wait::Idle(deadline) = tracker.wait(&self.timeouts) else {
+            return true;
+        };
+        tokio::select! {
+            // An error is hyper's to see and report.
+            _ = io.stream().readable() => true,
+            _ = stop => false,
+            _ = tokio::time::sleep_until(deadline.into()) => false,
+        }
     }
 
     async fn request(
@@ -192,7 +303,7 @@ impl Downstream {
         // Boxed: hyper keeps room for this future for the whole life of the connection, idle
         // or not, and the proxy's is several KiB; a box of its own lives only while a request
         // does, so an idle client connection costs that much less.
-        let resp = Box::pin(self.proxy.handle(req, client)).await?;
+        let resp = self.proxy.handle(req, client).await?;
         let (mut parts, body) = resp.into_parts();
         let last = !keep_alive
             || conflicting_framing

@@ -239,6 +239,7 @@ pub struct Metrics {
     budget_exhausted: Family<Labels, Counter>,
     pub downstream_active: Gauge,
     pub downstream_accepted: Counter,
+    pub downstream_parked: Gauge,
     pub access_log_dropped: Counter,
     /// Requests answered without an upstream (no route, bad request), by status class.
     pub local: GroupMetrics,
@@ -363,6 +364,12 @@ impl Metrics {
             "Client connections accepted",
             downstream_accepted.clone(),
         );
+        let downstream_parked = Gauge::default();
+        registry.register(
+            "downstream_connections_parked",
+            "Idle client connections holding only their socket, their HTTP state dropped until the client sends again",
+            downstream_parked.clone(),
+        );
         let access_log_dropped = Counter::default();
         registry.register(
             "access_log_dropped",
@@ -391,6 +398,7 @@ impl Metrics {
             budget_exhausted,
             downstream_active,
             downstream_accepted,
+            downstream_parked,
             access_log_dropped,
             local: GroupMetrics {
                 name: String::new(),
@@ -483,6 +491,7 @@ mod tests {
             r#"kaguard_upstream_pool_in_use{upstream="app"} 0"#,
             "kaguard_downstream_connections_active 0",
             "kaguard_downstream_connections_total 0",
+            "kaguard_downstream_connections_parked 0",
             "kaguard_access_log_dropped_total 0",
             r#"kaguard_upstream_checkout_dropped_total{upstream="app",server="127.0.0.1:8000",cause="fin"} 0"#,
             r#"kaguard_upstream_checkout_dropped_total{upstream="app",server="127.0.0.1:8000",cause="rst"} 0"#,

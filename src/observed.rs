@@ -5,6 +5,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
@@ -16,17 +17,43 @@ pub trait Observer {
     fn read(&mut self, added: &[u8], closed: bool);
     /// A write or flush was attempted: `written` bytes went out, or it is `pending`.
     fn wrote(&mut self, written: usize, pending: bool);
+    /// A read found nothing to read. Returning true makes the read end the stream instead of
+    /// waiting, so the owner can take the socket back from a reader that would otherwise hold
+    /// it, and its buffers, until the peer speaks.
+    fn end_instead_of_waiting(&mut self) -> bool {
+        false
+    }
 }
 
 /// The stream hyper drives, with its observer.
 pub struct Observed<O> {
     stream: TcpStream,
     pub observer: O,
+    /// Bytes read before, handed out again ahead of the socket's and not observed twice:
+    /// what a reader that gave the stream back had read but not used.
+    unread: Bytes,
 }
 
 impl<O> Observed<O> {
     pub fn new(stream: TcpStream, observer: O) -> Observed<O> {
-        Observed { stream, observer }
+        Observed {
+            stream,
+            observer,
+            unread: Bytes::new(),
+        }
+    }
+
+    pub fn stream(&self) -> &TcpStream {
+        &self.stream
+    }
+
+    /// Gives `bytes` to the next reads, before anything the socket has.
+    pub fn unread(&mut self, bytes: Bytes) {
+        self.unread = bytes;
+    }
+
+    pub fn has_unread(&self) -> bool {
+        !self.unread.is_empty()
     }
 }
 
@@ -36,8 +63,13 @@ impl<O: Observer + Unpin> AsyncRead for Observed<O> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
         let this = &mut *self;
+        if !this.unread.is_empty() {
+            let n = this.unread.len().min(buf.remaining());
+            buf.put_slice(&this.unread.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
         let res = Pin::new(&mut this.stream).poll_read(cx, buf);
         match &res {
             Poll::Ready(Ok(())) => {
@@ -46,6 +78,7 @@ impl<O: Observer + Unpin> AsyncRead for Observed<O> {
                 this.observer.read(added, closed);
             }
             Poll::Ready(Err(_)) => this.observer.read(&[], true),
+            Poll::Pending if this.observer.end_instead_of_waiting() => return Poll::Ready(Ok(())),
             Poll::Pending => {}
         }
         res

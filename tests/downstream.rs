@@ -138,3 +138,92 @@ async fn client_that_stops_reading_is_cut_off_after_send_timeout() {
     }
     drop(stream);
 }
+
+const PARKED: &str = "kaguard_downstream_connections_parked";
+
+/// Waits, within [`PATIENCE`], until `series` reads `value`.
+async fn metric_reaches(kg: &Kaguard, series: &str, value: f64) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while kg.metric(series).await != value {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{series} never reached {value}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_idle_client_connection_is_parked_and_serves_its_next_request() {
+    let up = upstream(Behaviour::default()).await;
+    let kg = start(config(&[up.addr()])).await;
+    let mut client = Client::connect(kg.addr).await;
+    for _ in 0..3 {
+        assert_eq!(client.get("/").await.status(), 200);
+        metric_reaches(&kg, PARKED, 1.0).await;
+    }
+    assert_eq!(client.get("/").await.status(), 200);
+    assert_eq!(kg.metric("kaguard_downstream_connections_total").await, 1.0);
+}
+
+#[tokio::test]
+async fn a_request_begun_before_the_connection_parked_is_served_after_it() {
+    let up = upstream(Behaviour::default()).await;
+    let kg = start(config(&[up.addr()])).await;
+    let mut stream = tokio::net::TcpStream::connect(kg.addr).await.unwrap();
+    // The start of a second request arrives with the first, then nothing for longer than
+    // the connection stays unparked.
+    stream
+        .write_all(b"GET /?delay=50ms HTTP/1.1\r\nHost: t\r\n\r\nGET /second HTTP/1.1\r\nHo")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    stream.write_all(b"st: t\r\n\r\n").await.unwrap();
+    let mut seen = String::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while seen.matches("HTTP/1.1 200").count() < 2 {
+        let n = tokio::time::timeout_at(deadline, stream.read(&mut buf))
+            .await
+            .expect("both responses in time")
+            .unwrap();
+        assert!(n > 0, "closed after {seen:?}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert_eq!(up.requests(), 2);
+}
+
+#[tokio::test]
+async fn a_parked_client_connection_is_closed_at_shutdown() {
+    let up = upstream(Behaviour::default()).await;
+    let mut kg = start(config(&[up.addr()])).await;
+    let mut client = Client::connect(kg.addr).await;
+    assert_eq!(client.get("/").await.status(), 200);
+    metric_reaches(&kg, PARKED, 1.0).await;
+    assert!(kg.shutdown().await, "drain did not finish");
+    assert!(
+        client.closed_within(PATIENCE).await,
+        "parked client connection left open"
+    );
+}
+
+#[tokio::test]
+async fn a_parked_client_connection_is_closed_when_idle_past_its_hold() {
+    let up = upstream(Behaviour::default()).await;
+    let mut cfg = config(&[up.addr()]);
+    cfg.downstream.keepalive_timeout = Duration::ZERO;
+    let kg = start(cfg).await;
+    let mut client = Client::connect(kg.addr).await;
+    assert_eq!(client.get("/").await.status(), 200);
+    metric_reaches(&kg, PARKED, 1.0).await;
+    // The hold is the announced 0 s plus the grace of one second.
+    assert!(
+        client.closed_within(PATIENCE).await,
+        "parked client connection left open"
+    );
+    metric_reaches(&kg, PARKED, 0.0).await;
+    assert_eq!(
+        kg.metric("kaguard_downstream_connections_active").await,
+        0.0
+    );
+}

@@ -21,6 +21,10 @@ pub(super) struct Tracker {
     /// A new request head is expected: read bytes are copied to the head recorder.
     recording: AtomicBool,
     conflict: AtomicBool,
+    /// The driver wants hyper's state dropped: the next read that would wait ends instead.
+    park: AtomicBool,
+    /// A read ended for that reason, not because the client closed.
+    parked: AtomicBool,
 }
 
 /// The deadline the driver should wake at, and what it means when it passes.
@@ -45,7 +49,37 @@ impl Tracker {
             write_blocked: AtomicU64::new(0),
             recording: AtomicBool::new(true),
             conflict: AtomicBool::new(false),
+            park: AtomicBool::new(false),
+            parked: AtomicBool::new(false),
         }
+    }
+
+    /// Requests begun on the connection.
+    pub(super) fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// When the connection last became idle after a response, if it is idle now.
+    pub(super) fn idle_since(&self) -> Option<Instant> {
+        let idle = self.in_flight.load(Ordering::Relaxed) == 0
+            && self.head_started.load(Ordering::Relaxed) == 0
+            && self.write_blocked.load(Ordering::Relaxed) == 0;
+        match self.idle_since.load(Ordering::Relaxed) {
+            s @ 1.. if idle => Some(self.at(s)),
+            _ => None,
+        }
+    }
+
+    /// Asks the socket to end the stream at the next read that finds nothing, if the
+    /// connection is still idle between requests then.
+    pub(super) fn ask_to_park(&self) {
+        self.park.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the stream hyper saw end was ended by [`Tracker::ask_to_park`]; clears both.
+    pub(super) fn take_parked(&self) -> bool {
+        self.park.store(false, Ordering::Relaxed);
+        self.parked.swap(false, Ordering::Relaxed)
     }
 
     fn stamp(&self, at: Instant) -> u64 {
@@ -62,6 +96,8 @@ impl Tracker {
     /// raw head had conflicting framing headers.
     pub(super) fn begin(&self) -> (u64, bool) {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
+        // A park asked for and not taken is for an idle spell that is over.
+        self.park.store(false, Ordering::Relaxed);
         self.recording.store(false, Ordering::Relaxed);
         self.head_started.store(0, Ordering::Relaxed);
         let n = self.requests.fetch_add(1, Ordering::Relaxed) + 1;
@@ -193,6 +229,18 @@ impl Observer for ClientSide {
             t.conflict.store(conflict, Ordering::Relaxed);
             t.recording.store(false, Ordering::Relaxed);
         }
+    }
+
+    fn end_instead_of_waiting(&mut self) -> bool {
+        let t = &self.tracker;
+        // Only between requests: nothing in flight, no byte of a next head read (hyper's read
+        // buffer is empty), and the last response flushed.
+        if !t.park.load(Ordering::Relaxed) || t.idle_since().is_none() {
+            return false;
+        }
+        t.park.store(false, Ordering::Relaxed);
+        t.parked.store(true, Ordering::Relaxed);
+        true
     }
 
     fn wrote(&mut self, _written: usize, pending: bool) {
