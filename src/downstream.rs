@@ -40,7 +40,8 @@ pub const IDLE_GRACE: Duration = Duration::from_secs(1);
 pub const PARK_AFTER: Duration = Duration::from_millis(100);
 
 /// The future of one request, boxed: hyper keeps room for the service's future for as long
-/// as it serves a connection.
+/// as it serves a connection, and the proxy's is several KiB; a box lives only while a request
+/// does.
 type Handling = Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, Abort>> + Send>>;
 
 /// How a hyper connection ended.
@@ -196,7 +197,9 @@ impl Downstream {
         };
         let result = poll_fn(|cx| {
             loop {
-                if let Poll::Ready(res) = conn.poll_without_shutdown(cx) {
+                // Polled as a future, not without shutdown: hyper's shutdown flushes what is
+                // left of the last response. A park's shutdown leaves the socket open.
+                if let Poll::Ready(res) = Pin::new(&mut conn).poll(cx) {
                     return Poll::Ready(Some(res));
                 }
                 if !closing && stop.as_mut().poll(cx).is_ready() {
@@ -251,9 +254,7 @@ impl Downstream {
             Some(Err(err)) => {
                 tracing::debug!(client = %addr.ip(), "client connection ended: {err}")
             }
-            Some(Ok(())) => {
-                let _ = conn.into_parts().io.into_inner().shutdown().await;
-            }
+            Some(Ok(())) => {}
             None => tracing::info!(client = %addr.ip(), "client timed out"),
         }
         Served::Ended
@@ -300,9 +301,6 @@ impl Downstream {
             requests,
             conflicting_framing,
         };
-        // Boxed: hyper keeps room for this future for the whole life of the connection, idle
-        // or not, and the proxy's is several KiB; a box of its own lives only while a request
-        // does, so an idle client connection costs that much less.
         let resp = self.proxy.handle(req, client).await?;
         let (mut parts, body) = resp.into_parts();
         let last = !keep_alive

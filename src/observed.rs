@@ -23,6 +23,11 @@ pub trait Observer {
     fn end_instead_of_waiting(&mut self) -> bool {
         false
     }
+    /// Whether the stream was ended that way, so that the reader's shutdown must leave the
+    /// socket open for the owner.
+    fn keeps_open(&self) -> bool {
+        false
+    }
 }
 
 /// The stream hyper drives, with its observer.
@@ -34,7 +39,7 @@ pub struct Observed<O> {
     unread: Bytes,
 }
 
-impl<O> Observed<O> {
+impl<O: Observer> Observed<O> {
     pub fn new(stream: TcpStream, observer: O) -> Observed<O> {
         Observed {
             stream,
@@ -47,8 +52,11 @@ impl<O> Observed<O> {
         &self.stream
     }
 
-    /// Gives `bytes` to the next reads, before anything the socket has.
+    /// Gives `bytes` to the next reads, before anything the socket has. The observer is told
+    /// of them now, as bytes arriving for the next reader: a request head begun before a park
+    /// gets the header timeout and the framing check like any other.
     pub fn unread(&mut self, bytes: Bytes) {
+        self.observer.read(&bytes, false);
         self.unread = bytes;
     }
 
@@ -138,6 +146,9 @@ impl<O: Observer + Unpin> AsyncWrite for Observed<O> {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.observer.keeps_open() {
+            return Poll::Ready(Ok(()));
+        }
         Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }

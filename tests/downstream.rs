@@ -211,12 +211,12 @@ async fn a_parked_client_connection_is_closed_at_shutdown() {
 async fn a_parked_client_connection_is_closed_when_idle_past_its_hold() {
     let up = upstream(Behaviour::default()).await;
     let mut cfg = config(&[up.addr()]);
-    cfg.downstream.keepalive_timeout = Duration::ZERO;
+    cfg.downstream.keepalive_timeout = Duration::from_secs(2);
     let kg = start(cfg).await;
     let mut client = Client::connect(kg.addr).await;
     assert_eq!(client.get("/").await.status(), 200);
     metric_reaches(&kg, PARKED, 1.0).await;
-    // The hold is the announced 0 s plus the grace of one second.
+    // The hold is the announced 2 s plus the grace of one second.
     assert!(
         client.closed_within(PATIENCE).await,
         "parked client connection left open"
@@ -226,4 +226,33 @@ async fn a_parked_client_connection_is_closed_when_idle_past_its_hold() {
         kg.metric("kaguard_downstream_connections_active").await,
         0.0
     );
+}
+
+#[tokio::test]
+async fn a_request_head_begun_before_the_connection_parked_gets_the_header_timeout() {
+    let up = upstream(Behaviour::default()).await;
+    let mut cfg = config(&[up.addr()]);
+    cfg.downstream.client_header_timeout = Duration::from_millis(300);
+    let kg = start(cfg).await;
+    let mut stream = tokio::net::TcpStream::connect(kg.addr).await.unwrap();
+    // The start of a second request arrives with the first, and its end never comes. Only the
+    // park hands those bytes to the header timeout; unparked, the idle hold (76 s) applies.
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\nGET /second HTTP/1.1\r\nHo")
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    let closed = tokio::time::timeout(PATIENCE, async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "connection still open");
+    let seen = String::from_utf8_lossy(&seen);
+    assert_eq!(seen.matches("HTTP/1.1 200").count(), 1, "{seen}");
 }

@@ -243,6 +243,10 @@ impl Observer for ClientSide {
         true
     }
 
+    fn keeps_open(&self) -> bool {
+        self.tracker.parked.load(Ordering::Relaxed)
+    }
+
     fn wrote(&mut self, _written: usize, pending: bool) {
         let t = &self.tracker;
         if !pending {
