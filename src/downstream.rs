@@ -101,12 +101,8 @@ impl Downstream {
                 _ = &mut stop => return,
                 accepted = listener.accept() => match accepted {
                     Ok((stream, addr)) => {
-                        let this = self.clone();
-                        let guard = self.shutdown.track();
-                        tokio::spawn(async move {
-                            this.connection(stream, addr).await;
-                            drop(guard);
-                        });
+                        let tracked = self.shutdown.track();
+                        tokio::spawn(self.clone().connection(stream, addr, tracked));
                     }
                     Err(err) => {
                         // Out of descriptors or similar: pause instead of spinning.
@@ -121,7 +117,8 @@ impl Downstream {
     /// Serves one client connection to its end. Idle for [`PARK_AFTER`], it is parked: hyper's
     /// state is dropped and only the socket waits, until the client sends again, the idle
     /// hold passes, or shutdown.
-    async fn connection(self: Arc<Self>, stream: TcpStream, addr: SocketAddr) {
+    /// `_tracked` counts the connection as open for shutdown until it ends.
+    async fn connection(self: Arc<Self>, stream: TcpStream, addr: SocketAddr, _tracked: Tracked) {
         let metrics = self.proxy.metrics().clone();
         metrics.downstream_accepted.inc();
         metrics.downstream_active.inc();
@@ -275,12 +272,21 @@ impl Downstream {
         let Wait::Idle(deadline) = tracker.wait(&self.timeouts) else {
             return true;
         };
-        tokio::select! {
+        let mut stop = stop;
+        let mut hold = pin!(tokio::time::sleep_until(deadline.into()));
+        // Readiness polled on the socket rather than awaited through `readable()`, whose
+        // future would add its waiter to every parked connection's task.
+        poll_fn(|cx| {
             // An error is hyper's to see and report.
-            _ = io.stream().readable() => true,
-            _ = stop => false,
-            _ = tokio::time::sleep_until(deadline.into()) => false,
-        }
+            if io.stream().poll_read_ready(cx).is_ready() {
+                return Poll::Ready(true);
+            }
+            if stop.as_mut().poll(cx).is_ready() || hold.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(false);
+            }
+            Poll::Pending
+        })
+        .await
     }
 
     async fn request(
