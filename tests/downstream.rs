@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use kaguard::tools::upstream::Behaviour;
+use kaguard::tools::upstream::{Behaviour, TestUpstream};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -76,26 +76,43 @@ async fn idle_client_connection_is_held_past_the_announced_timeout_then_closed()
     );
 }
 
-#[tokio::test]
-async fn slow_request_head_is_cut_off_after_client_header_timeout() {
+/// Sends `bytes` to a kaguard whose client_header_timeout is 300 ms, and returns what it
+/// answered before closing the connection, which it must within [`PATIENCE`].
+async fn with_header_timeout(bytes: &[u8]) -> (String, TestUpstream) {
     let up = upstream(Behaviour::default()).await;
     let mut cfg = config(&[up.addr()]);
     cfg.downstream.client_header_timeout = Duration::from_millis(300);
     let kg = start(cfg).await;
     let mut stream = tokio::net::TcpStream::connect(kg.addr).await.unwrap();
-    stream
-        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n")
-        .await
-        .unwrap();
-    let mut buf = [0u8; 64];
-    let read = tokio::time::timeout(PATIENCE, stream.read(&mut buf))
-        .await
-        .expect("closed in time");
+    stream.write_all(bytes).await.unwrap();
+    (read_until_closed(&mut stream).await, up)
+}
+
+#[tokio::test]
+async fn slow_request_head_is_cut_off_after_client_header_timeout() {
+    let (seen, up) = with_header_timeout(b"GET / HTTP/1.1\r\nHost: t\r\n").await;
     assert!(
-        matches!(read, Ok(0) | Err(_)),
-        "expected the connection closed, got {read:?}"
+        seen.is_empty(),
+        "expected the connection closed, got {seen:?}"
     );
     assert_eq!(up.requests(), 0);
+}
+
+/// Everything read until kaguard closes the connection, which it must within [`PATIENCE`].
+async fn read_until_closed(stream: &mut tokio::net::TcpStream) -> String {
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    let closed = tokio::time::timeout(PATIENCE, async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "connection still open");
+    String::from_utf8_lossy(&seen).into_owned()
 }
 
 #[tokio::test]
@@ -230,29 +247,9 @@ async fn a_parked_client_connection_is_closed_when_idle_past_its_hold() {
 
 #[tokio::test]
 async fn a_request_head_begun_before_the_connection_parked_gets_the_header_timeout() {
-    let up = upstream(Behaviour::default()).await;
-    let mut cfg = config(&[up.addr()]);
-    cfg.downstream.client_header_timeout = Duration::from_millis(300);
-    let kg = start(cfg).await;
-    let mut stream = tokio::net::TcpStream::connect(kg.addr).await.unwrap();
     // The start of a second request arrives with the first, and its end never comes. Only the
     // park hands those bytes to the header timeout; unparked, the idle hold (76 s) applies.
-    stream
-        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\nGET /second HTTP/1.1\r\nHo")
-        .await
-        .unwrap();
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    let closed = tokio::time::timeout(PATIENCE, async {
-        loop {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => seen.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await;
-    assert!(closed.is_ok(), "connection still open");
-    let seen = String::from_utf8_lossy(&seen);
+    let (seen, _up) =
+        with_header_timeout(b"GET / HTTP/1.1\r\nHost: t\r\n\r\nGET /second HTTP/1.1\r\nHo").await;
     assert_eq!(seen.matches("HTTP/1.1 200").count(), 1, "{seen}");
 }

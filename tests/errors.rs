@@ -6,7 +6,7 @@ mod support;
 use std::time::Duration;
 
 use kaguard::config::{RetryPolicy, RouteConfig};
-use kaguard::tools::upstream::Behaviour;
+use kaguard::tools::upstream::{Behaviour, TestUpstream};
 use support::*;
 
 async fn flags_of_last(kg: &Kaguard) -> (u64, String, String) {
@@ -241,45 +241,36 @@ async fn upstream_not_taking_the_body_is_504_after_send_timeout() {
     held.abort();
 }
 
-/// Sends a POST head announcing 100 000 bytes, `sent` of them, then nothing more, and returns
-/// kaguard's answer.
-async fn stalled_upload(kg: &Kaguard, sent: usize) -> String {
-    let head = "POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 100000\r\n\r\n";
-    let mut request = head.as_bytes().to_vec();
-    request.extend(std::iter::repeat_n(b'x', sent));
-    raw(kg.addr, &request).await
-}
-
-#[tokio::test]
-async fn a_client_body_that_stalls_is_408_and_logged_as_a_timeout() {
+/// Sends a POST head announcing 100 000 bytes, `sent` of them, then nothing more, through a
+/// kaguard with `replay_buffer`; checks the answer and the log, and returns the upstream.
+async fn stalled_upload_is_408_timeout(replay_buffer: usize, sent: usize) -> TestUpstream {
     let up = upstream(Behaviour::default()).await;
     let mut cfg = config(&[up.addr()]);
     cfg.downstream.client_body_timeout = Duration::from_millis(200);
+    cfg.upstreams[0].replay_buffer = replay_buffer;
     let kg = start(cfg).await;
-    // Within the replay buffer, the body is held before anything goes upstream.
-    let out = stalled_upload(&kg, 10).await;
+    let head = "POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 100000\r\n\r\n";
+    let mut request = head.as_bytes().to_vec();
+    request.extend(std::iter::repeat_n(b'x', sent));
+    let out = raw(kg.addr, &request).await;
     assert_eq!(status_of(&out), Some(408), "{out}");
     let (_, flags, details) = flags_of_last(&kg).await;
     assert_eq!(
         (flags.as_str(), details.as_str()),
         ("DC", "downstream_request_body_timeout")
     );
+    up
+}
+
+#[tokio::test]
+async fn a_client_body_that_stalls_is_408_and_logged_as_a_timeout() {
+    // Within the replay buffer, the body is held before anything goes upstream.
+    let up = stalled_upload_is_408_timeout(64 * 1024, 10).await;
     assert_eq!(up.requests(), 0);
 }
 
 #[tokio::test]
 async fn a_streamed_client_body_that_stalls_is_408_and_logged_as_a_timeout() {
-    let up = upstream(Behaviour::default()).await;
-    let mut cfg = config(&[up.addr()]);
-    cfg.downstream.client_body_timeout = Duration::from_millis(200);
-    cfg.upstreams[0].replay_buffer = 1024;
-    let kg = start(cfg).await;
     // Past the replay buffer, the body streams: the stall comes while sending upstream.
-    let out = stalled_upload(&kg, 4096).await;
-    assert_eq!(status_of(&out), Some(408), "{out}");
-    let (_, flags, details) = flags_of_last(&kg).await;
-    assert_eq!(
-        (flags.as_str(), details.as_str()),
-        ("DC", "downstream_request_body_timeout")
-    );
+    stalled_upload_is_408_timeout(1024, 4096).await;
 }
