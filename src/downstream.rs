@@ -116,8 +116,8 @@ impl Downstream {
 
     /// Serves one client connection to its end. Idle for [`PARK_AFTER`], it is parked: hyper's
     /// state is dropped and only the socket waits, until the client sends again, the idle
-    /// hold passes, or shutdown.
-    /// `_tracked` counts the connection as open for shutdown until it ends.
+    /// hold passes, or shutdown. `_tracked` counts the connection as open for shutdown until
+    /// it ends.
     async fn connection(self: Arc<Self>, stream: TcpStream, addr: SocketAddr, _tracked: Tracked) {
         let metrics = self.proxy.metrics().clone();
         metrics.downstream_accepted.inc();
