@@ -34,10 +34,14 @@ use io::{ClientSide, Tracker, Wait};
 pub const IDLE_GRACE: Duration = Duration::from_secs(1);
 
 /// How long a client connection stays idle before hyper's state for it, 16 KiB of buffers
-/// and more, is dropped until the client sends again. Longer than the gap between the requests
-/// of a busy client, so back-to-back traffic never pays for building that state again; short
-/// enough that idle connections, usually most of them, hold little more than their socket.
-pub const PARK_AFTER: Duration = Duration::from_millis(100);
+/// and more, is dropped until the client sends again. Above the pauses of the race
+/// reproducer's quick sweeps (around 100 ms): with 100 ms, the quick demo's steady phase, after
+/// sweeps whose pauses crossed it, opened two to three times its usual upstream connections in
+/// 4 of 33 runs, for a reason not found yet (250 ms: 1 of 35; without parking: 0 of 52). Short,
+/// because the allocator keeps what parked connections free: a burst of new connections costs
+/// as much resident memory as the state of those opened within this time (`bench/idle.sh`:
+/// 1.61 KiB per idle connection at 250 ms, 7.7 KiB at 1 s).
+pub const PARK_AFTER: Duration = Duration::from_millis(250);
 
 /// The future of one request, boxed: hyper keeps room for the service's future for as long
 /// as it serves a connection, and the proxy's is several KiB; a box lives only while a request

@@ -5,6 +5,7 @@ mod support;
 
 use std::time::Duration;
 
+use kaguard::downstream::PARK_AFTER;
 use kaguard::tools::upstream::{Behaviour, TestUpstream};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -194,7 +195,7 @@ async fn a_request_begun_before_the_connection_parked_is_served_after_it() {
         .write_all(b"GET /?delay=50ms HTTP/1.1\r\nHost: t\r\n\r\nGET /second HTTP/1.1\r\nHo")
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    tokio::time::sleep(PARK_AFTER + Duration::from_millis(600)).await;
     stream.write_all(b"st: t\r\n\r\n").await.unwrap();
     let mut seen = String::new();
     let mut buf = [0u8; 4096];
