@@ -118,16 +118,11 @@ async fn read_until_closed(stream: &mut tokio::net::TcpStream) -> String {
 
 #[tokio::test]
 async fn silent_new_connection_is_closed_after_client_header_timeout() {
-    let up = upstream(Behaviour::default()).await;
-    let mut cfg = config(&[up.addr()]);
-    cfg.downstream.client_header_timeout = Duration::from_millis(300);
-    let kg = start(cfg).await;
-    let mut stream = tokio::net::TcpStream::connect(kg.addr).await.unwrap();
-    let mut buf = [0u8; 64];
-    let read = tokio::time::timeout(PATIENCE, stream.read(&mut buf))
-        .await
-        .expect("closed in time");
-    assert!(matches!(read, Ok(0) | Err(_)));
+    let (seen, _up) = with_header_timeout(b"").await;
+    assert!(
+        seen.is_empty(),
+        "expected the connection closed, got {seen:?}"
+    );
 }
 
 /// A client that stops reading is cut off after `send_timeout`, even when hyper has already
@@ -146,30 +141,12 @@ async fn client_that_stops_reading_is_cut_off_after_send_timeout() {
         .await
         .unwrap();
     // Never read. kaguard must give up on this connection on its own.
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while kg.metric("kaguard_downstream_connections_active").await > 0.0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "kaguard still holds a client that reads nothing"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    kg.metric_reaches("kaguard_downstream_connections_active", 0.0)
+        .await;
     drop(stream);
 }
 
 const PARKED: &str = "kaguard_downstream_connections_parked";
-
-/// Waits, within [`PATIENCE`], until `series` reads `value`.
-async fn metric_reaches(kg: &Kaguard, series: &str, value: f64) {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while kg.metric(series).await != value {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{series} never reached {value}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 #[tokio::test]
 async fn an_idle_client_connection_is_parked_and_serves_its_next_request() {
@@ -178,7 +155,7 @@ async fn an_idle_client_connection_is_parked_and_serves_its_next_request() {
     let mut client = Client::connect(kg.addr).await;
     for _ in 0..3 {
         assert_eq!(client.get("/").await.status(), 200);
-        metric_reaches(&kg, PARKED, 1.0).await;
+        kg.metric_reaches(PARKED, 1.0).await;
     }
     assert_eq!(client.get("/").await.status(), 200);
     assert_eq!(kg.metric("kaguard_downstream_connections_total").await, 1.0);
@@ -217,7 +194,7 @@ async fn a_parked_client_connection_is_closed_at_shutdown() {
     let mut kg = start(config(&[up.addr()])).await;
     let mut client = Client::connect(kg.addr).await;
     assert_eq!(client.get("/").await.status(), 200);
-    metric_reaches(&kg, PARKED, 1.0).await;
+    kg.metric_reaches(PARKED, 1.0).await;
     assert!(kg.shutdown().await, "drain did not finish");
     assert!(
         client.closed_within(PATIENCE).await,
@@ -233,13 +210,13 @@ async fn a_parked_client_connection_is_closed_when_idle_past_its_hold() {
     let kg = start(cfg).await;
     let mut client = Client::connect(kg.addr).await;
     assert_eq!(client.get("/").await.status(), 200);
-    metric_reaches(&kg, PARKED, 1.0).await;
+    kg.metric_reaches(PARKED, 1.0).await;
     // The hold is the announced 2 s plus the grace of one second.
     assert!(
         client.closed_within(PATIENCE).await,
         "parked client connection left open"
     );
-    metric_reaches(&kg, PARKED, 0.0).await;
+    kg.metric_reaches(PARKED, 0.0).await;
     assert_eq!(
         kg.metric("kaguard_downstream_connections_active").await,
         0.0

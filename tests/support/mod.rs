@@ -104,6 +104,18 @@ impl Kaguard {
             .unwrap_or(0.0)
     }
 
+    /// Waits, within [`PATIENCE`], until `series` reads `value`.
+    pub async fn metric_reaches(&self, series: &str, value: f64) {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while self.metric(series).await != value {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{series} never reached {value}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Access log lines written so far, parsed; waits (bounded) until at least `n` exist.
     pub async fn log_lines(&self, n: usize) -> Vec<serde_json::Value> {
         let deadline = tokio::time::Instant::now() + PATIENCE;
