@@ -181,9 +181,12 @@ impl Downstream {
         let this = self.clone();
         let service_tracker = tracker.clone();
         let service = service_fn(move |req: Request<Incoming>| -> Handling {
-            let this = this.clone();
-            let tracker = service_tracker.clone();
-            Box::pin(async move { this.request(req, addr, serial, tracker).await })
+            // The request's own future, boxed once: a wrapping block would hold it too, and
+            // every layer is one more copy of several KiB per request.
+            Box::pin(
+                this.clone()
+                    .request(req, addr, serial, service_tracker.clone()),
+            )
         });
         let mut conn = http1::Builder::new()
             .keep_alive(true)
@@ -294,7 +297,7 @@ impl Downstream {
     }
 
     async fn request(
-        &self,
+        self: Arc<Self>,
         req: Request<Incoming>,
         addr: SocketAddr,
         serial: u64,

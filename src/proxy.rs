@@ -135,6 +135,7 @@ impl Proxy {
         let fwd = headers::Forwarded {
             client_ip: client.addr.ip(),
             host: host.as_ref(),
+            host_from_target: parts.uri.authority().is_some(),
         };
         let request_id = headers::to_upstream(&mut parts.headers, &fwd, group.reuse());
         entry.request_id = Some(request_id);
@@ -165,7 +166,7 @@ impl Proxy {
         match exchange::exchange(
             &group,
             target.retry,
-            head,
+            &head,
             body,
             client,
             &mut entry,

@@ -166,8 +166,12 @@ impl HeadRecorder {
     }
 }
 
+/// Where the first CRLF CRLF ends. Found LF by LF: a head has a few short lines, where
+/// `memmem`'s setup costs more than the search.
 fn head_end(data: &[u8]) -> Option<usize> {
-    memchr::memmem::find(data, b"\r\n\r\n").map(|at| at + 4)
+    memchr::memchr_iter(b'\n', data)
+        .find(|&lf| lf >= 3 && data[lf - 3..lf] == *b"\r\n\r")
+        .map(|lf| lf + 1)
 }
 
 /// Whether a request head carries both Content-Length and Transfer-Encoding. hyper resolves
@@ -177,11 +181,17 @@ fn conflicting_framing(head: &[u8]) -> bool {
     // Nearly every head has at most one of the two: a scan of line starts rules it out
     // without parsing the whole head. A header name starts a line (after LF or CRLF) in any
     // head httparse accepts.
-    let starts_a_line = |name: &[u8]| {
-        head.split(|&b| b == b'\n')
-            .any(|line| line.len() > name.len() && line[..name.len()].eq_ignore_ascii_case(name))
+    let starts_with = |line: &[u8], name: &[u8]| {
+        line.get(..name.len())
+            .is_some_and(|start| start.eq_ignore_ascii_case(name))
     };
-    if !starts_a_line(b"transfer-encoding") || !starts_a_line(b"content-length") {
+    let (mut te, mut cl) = (false, false);
+    for lf in memchr::memchr_iter(b'\n', head) {
+        let line = &head[lf + 1..];
+        te |= starts_with(line, b"transfer-encoding");
+        cl |= starts_with(line, b"content-length");
+    }
+    if !(te && cl) {
         return false;
     }
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -260,7 +270,19 @@ impl Observer for ClientSide {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+
+    proptest! {
+        #[test]
+        fn head_end_is_the_end_of_the_first_crlf_crlf(
+            data in proptest::collection::vec(prop_oneof![Just(b'\r'), Just(b'\n'), Just(b'a')], 0..40)
+        ) {
+            let expected = memchr::memmem::find(&data, b"\r\n\r\n").map(|at| at + 4);
+            prop_assert_eq!(head_end(&data), expected);
+        }
+    }
 
     #[test]
     fn both_framing_headers_are_a_conflict() {

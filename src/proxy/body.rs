@@ -98,7 +98,8 @@ impl Gap {
 pub struct RequestBody {
     prefix: Option<Bytes>,
     rest: Option<Incoming>,
-    trailers: Option<HeaderMap>,
+    /// Boxed: trailers are rare, and the body moves with every request.
+    trailers: Option<Box<HeaderMap>>,
     limit: u64,
     received: u64,
     gap: Gap,
@@ -158,7 +159,7 @@ impl RequestBody {
                     }
                 }
                 Err(frame) => {
-                    trailers = frame.into_trailers().ok();
+                    trailers = frame.into_trailers().ok().map(Box::new);
                     ended = true;
                     break;
                 }
@@ -214,7 +215,7 @@ impl Body for RequestBody {
             return Poll::Ready(Some(Ok(Frame::data(prefix))));
         }
         let Some(rest) = this.rest.as_mut() else {
-            return Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))));
+            return Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(*t))));
         };
         match Pin::new(rest).poll_frame(cx) {
             Poll::Pending => {

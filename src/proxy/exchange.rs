@@ -25,7 +25,7 @@ use crate::upstream::{self, UpstreamConn};
 pub(super) async fn exchange(
     group: &Arc<Group>,
     policy: &RetryPolicy,
-    head: Head,
+    head: &Head,
     body: RequestBody,
     client: Client,
     entry: &mut Entry,
@@ -80,7 +80,8 @@ pub(super) async fn exchange(
             Some(lease) => (None, Some(lease)),
             None => {
                 entry.upstream_addr = Some(addr);
-                match group.connect(server, addr).await {
+                // Boxed, as is the backoff: rare, and inline they would grow every request's state.
+                match Box::pin(group.connect(server, addr)).await {
                     Ok(lease) => {
                         entry.upstream_connect_time =
                             Some(access_log::seconds(attempt_start.elapsed()));
@@ -120,7 +121,7 @@ pub(super) async fn exchange(
                             Decision::Retry(cause) if in_flight.try_retry() => {
                                 retries.push(cause);
                                 facts.attempts += 1;
-                                backoff(policy, facts.attempts).await;
+                                Box::pin(backoff(policy, facts.attempts)).await;
                                 server = group.next_server(server, Instant::now());
                                 continue;
                             }
@@ -197,7 +198,7 @@ pub(super) async fn exchange(
             facts.free_retry_used = true;
         } else {
             facts.attempts += 1;
-            backoff(policy, facts.attempts).await;
+            Box::pin(backoff(policy, facts.attempts)).await;
             server = group.next_server(server, Instant::now());
         }
     }

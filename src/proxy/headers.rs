@@ -75,16 +75,42 @@ pub fn keep_alive_hint(headers: &HeaderMap) -> (Option<u64>, Option<u64>) {
 
 /// Removes `Connection`, every header it names, and the fixed hop-by-hop set.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    // One pass comparing names (an integer compare for standard names) finds which of the
-    // nine are there; most messages carry none, or only `Connection`, and a hashed removal of
-    // each of the nine would cost more than the rest of the header work.
-    let mut present = [false; 9];
-    for name in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
-            present[i] = true;
+    let seen = Seen::scan(headers);
+    remove_seen_hop_by_hop(headers, &seen);
+}
+
+/// Which of the headers kaguard removes or rewrites a message carries, found in one pass
+/// comparing names (an integer compare for standard names). Most messages carry none of
+/// them, or only `Connection`, and a hashed lookup of each would cost more than the rest of
+/// the header work.
+#[derive(Default)]
+struct Seen {
+    hop_by_hop: [bool; 9],
+    expect: bool,
+    forwarded_for: bool,
+    request_id: bool,
+}
+
+impl Seen {
+    fn scan(headers: &HeaderMap) -> Seen {
+        let mut seen = Seen::default();
+        for name in headers.keys() {
+            if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+                seen.hop_by_hop[i] = true;
+            } else if name == header::EXPECT {
+                seen.expect = true;
+            } else if name == X_FORWARDED_FOR {
+                seen.forwarded_for = true;
+            } else if name == X_REQUEST_ID {
+                seen.request_id = true;
+            }
         }
+        seen
     }
-    if present[0] {
+}
+
+fn remove_seen_hop_by_hop(headers: &mut HeaderMap, seen: &Seen) {
+    if seen.hop_by_hop[0] {
         let listed: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
@@ -98,7 +124,11 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(name);
         }
     }
-    for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, there)| *there) {
+    for (name, _) in HOP_BY_HOP
+        .iter()
+        .zip(seen.hop_by_hop)
+        .filter(|(_, there)| *there)
+    {
         headers.remove(name);
     }
 }
@@ -108,41 +138,54 @@ pub struct Forwarded<'a> {
     pub client_ip: IpAddr,
     /// The Host the client asked for (from `Host` or an absolute-form target).
     pub host: Option<&'a HeaderValue>,
+    /// `host` came from an absolute-form target, and replaces whatever Host the client sent
+    /// (RFC 9112 §3.2.2).
+    pub host_from_target: bool,
 }
+
+/// Headers a request gains on its way upstream: X-Forwarded-For, -Proto and -Host, and
+/// X-Request-Id when the client sent none. Reserved at once, so the map grows once at most.
+const ADDED: usize = 4;
 
 /// Turns a client's request headers into the upstream's. Returns the request id.
 pub fn to_upstream(headers: &mut HeaderMap, fwd: &Forwarded<'_>, reuse: bool) -> HeaderValue {
-    remove_hop_by_hop(headers);
+    let seen = Seen::scan(headers);
+    remove_seen_hop_by_hop(headers, &seen);
+    headers.reserve(ADDED);
     // kaguard answers `Expect: 100-continue` itself (hyper sends the 100 when the body is
     // first read), so the upstream never waits for a continue that nobody relays.
-    headers.remove(header::EXPECT);
+    if seen.expect {
+        headers.remove(header::EXPECT);
+    }
 
     // Every X-Forwarded-For line the client sent, in order, then the client itself.
-    let mut xff = String::new();
-    for prev in headers
-        .get_all(X_FORWARDED_FOR)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-    {
-        xff.push_str(prev);
-        xff.push_str(", ");
+    let mut xff = String::with_capacity(64);
+    if seen.forwarded_for {
+        for prev in headers
+            .get_all(X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+        {
+            xff.push_str(prev);
+            xff.push_str(", ");
+        }
+        headers.remove(X_FORWARDED_FOR);
     }
     push_ip(&mut xff, fwd.client_ip);
-    headers.remove(X_FORWARDED_FOR);
     if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(xff)) {
         headers.insert(X_FORWARDED_FOR, v);
     }
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     if let Some(host) = fwd.host {
-        // `host` comes from the request target when it was absolute-form, and then it
-        // replaces whatever Host the client sent (RFC 9112 §3.2.2).
-        headers.insert(header::HOST, host.clone());
+        if fwd.host_from_target {
+            headers.insert(header::HOST, host.clone());
+        }
         headers.insert(X_FORWARDED_HOST, host.clone());
     }
     if !reuse {
         headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
-    match headers.get(X_REQUEST_ID) {
+    match headers.get(X_REQUEST_ID).filter(|_| seen.request_id) {
         Some(id) if !id.is_empty() => id.clone(),
         _ => {
             let id = new_request_id();
@@ -246,6 +289,7 @@ mod tests {
         let fwd = Forwarded {
             client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
             host: Some(&HeaderValue::from_static("example.com")),
+            host_from_target: false,
         };
         let id = to_upstream(&mut h, &fwd, true);
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
@@ -262,6 +306,7 @@ mod tests {
         let fwd = Forwarded {
             client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
             host: None,
+            host_from_target: false,
         };
         let id = to_upstream(&mut h, &fwd, false);
         assert_eq!(id.len(), 32);
