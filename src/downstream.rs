@@ -3,6 +3,7 @@
 //! shutdown.
 
 mod io;
+mod lot;
 
 use std::future::{Future, poll_fn};
 use std::net::SocketAddr;
@@ -18,7 +19,6 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 
@@ -54,6 +54,20 @@ enum Served {
     Ended,
     /// Idle: hyper's state is dropped, the socket comes back.
     Parked(Observed<ClientSide>),
+}
+
+/// A client connection between its hyper connections; all a parked one keeps.
+struct Connection {
+    io: Observed<ClientSide>,
+    addr: SocketAddr,
+    serial: u64,
+    tracker: Arc<Tracker>,
+    /// The request count when the connection last parked: it parks once per idle spell.
+    parked_after: Option<u64>,
+    /// The lot of the accept loop that took the connection, on the same worker.
+    lot: lot::Entrance,
+    /// Counts the connection as open for shutdown until it ends.
+    _tracked: Tracked,
 }
 
 /// Client-side timeouts, resolved from the config.
@@ -97,8 +111,20 @@ impl Downstream {
         }
     }
 
-    /// Accepts clients until shutdown begins.
+    /// Accepts clients until shutdown begins. Idle connections wait in this loop's lot.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        let metrics = self.proxy.metrics().clone();
+        let shutdown = self.shutdown.clone();
+        let downstream = Arc::downgrade(&self);
+        let lot = lot::open(lot::Setup {
+            stop: Box::pin(async move { shutdown.begun().await }),
+            metrics: metrics.clone(),
+            timeouts: self.timeouts,
+            resume: Box::new(move |conn| match downstream.upgrade() {
+                Some(downstream) => drop(tokio::spawn(downstream.run(*conn))),
+                None => lot::close(*conn, &metrics),
+            }),
+        });
         let mut stop = pin!(self.shutdown.begun());
         loop {
             tokio::select! {
@@ -106,7 +132,7 @@ impl Downstream {
                 accepted = listener.accept() => match accepted {
                     Ok((stream, addr)) => {
                         let tracked = self.shutdown.track();
-                        tokio::spawn(self.clone().connection(stream, addr, tracked));
+                        tokio::spawn(self.clone().connection(stream, addr, tracked, lot.clone()));
                     }
                     Err(err) => {
                         // Out of descriptors or similar: pause instead of spinning.
@@ -118,51 +144,67 @@ impl Downstream {
         }
     }
 
-    /// Serves one client connection to its end. Idle for [`PARK_AFTER`], it is parked: hyper's
-    /// state is dropped and only the socket waits, until the client sends again, the idle
-    /// hold passes, or shutdown. `_tracked` counts the connection as open for shutdown until
-    /// it ends.
-    async fn connection(self: Arc<Self>, stream: TcpStream, addr: SocketAddr, _tracked: Tracked) {
-        let metrics = self.proxy.metrics().clone();
+    /// Serves a new client connection (see [`Downstream::run`]).
+    fn connection(
+        self: Arc<Self>,
+        stream: TcpStream,
+        addr: SocketAddr,
+        tracked: Tracked,
+        lot: lot::Entrance,
+    ) -> impl Future<Output = ()> + Send {
+        let metrics = self.proxy.metrics();
         metrics.downstream_accepted.inc();
         metrics.downstream_active.inc();
         let _ = stream.set_nodelay(true);
-        let serial = self.next_serial.fetch_add(1, Ordering::Relaxed);
         let tracker = Arc::new(Tracker::new(Instant::now()));
-        let mut io = Observed::new(
-            stream,
-            ClientSide::new(tracker.clone(), self.max_header_size),
-        );
+        let conn = Connection {
+            io: Observed::new(
+                stream,
+                ClientSide::new(tracker.clone(), self.max_header_size),
+            ),
+            addr,
+            serial: self.next_serial.fetch_add(1, Ordering::Relaxed),
+            tracker,
+            parked_after: None,
+            lot,
+            _tracked: tracked,
+        };
+        self.run(conn)
+    }
+
+    /// Serves a client connection until it ends, or until it has been idle for
+    /// [`PARK_AFTER`]: then hyper's state is dropped, the task ends, and the connection waits
+    /// in its lot until the client sends again (a new task serves it from there), the idle
+    /// hold passes, or shutdown.
+    async fn run(self: Arc<Self>, mut conn: Connection) {
+        let metrics = self.proxy.metrics();
         let mut stop = pin!(self.shutdown.begun());
-        // The request count when the connection last parked: it parks once per idle spell.
-        let mut parked_after = None;
         loop {
-            // Boxed, so that a parked connection's task does not keep room for hyper's
-            // connection while it waits.
+            // Boxed, so that the task of a connection between two parks does not keep room
+            // for hyper's connection.
             let served = Box::pin(self.serve_until_parked(
-                io,
-                addr,
-                serial,
-                &tracker,
+                conn.io,
+                conn.addr,
+                conn.serial,
+                &conn.tracker,
                 stop.as_mut(),
-                &mut parked_after,
+                &mut conn.parked_after,
             ))
             .await;
-            let Served::Parked(parked) = served else {
+            let Served::Parked(io) = served else {
                 break;
             };
-            io = parked;
-            if io.has_unread() {
+            conn.io = io;
+            if conn.io.has_unread() {
                 continue;
             }
-            metrics.downstream_parked.inc();
-            let resume = self.wait_parked(&io, &tracker, stop.as_mut()).await;
-            metrics.downstream_parked.dec();
-            if !resume {
-                // Idle too long, or shutting down: the close hyper would have made.
-                let _ = io.shutdown().await;
-                break;
+            if self.shutdown.is_begun() {
+                lot::close(conn, metrics);
+                return;
             }
+            let lot = conn.lot.clone();
+            lot::park(&lot, conn, metrics);
+            return;
         }
         metrics.downstream_active.dec();
     }
@@ -262,38 +304,6 @@ impl Downstream {
             None => tracing::info!(client = %addr.ip(), "client timed out"),
         }
         Served::Ended
-    }
-
-    /// Waits, holding only the socket, until the parked client sends something. False when
-    /// the connection should close instead: idle past its hold, or shutdown.
-    async fn wait_parked(
-        &self,
-        io: &Observed<ClientSide>,
-        tracker: &Tracker,
-        stop: Pin<&mut impl Future<Output = ()>>,
-    ) -> bool {
-        // `stop` has not completed unless shutdown has begun; it must not be polled again.
-        if self.shutdown.is_begun() {
-            return false;
-        }
-        let Wait::Idle(deadline) = tracker.wait(&self.timeouts) else {
-            return true;
-        };
-        let mut stop = stop;
-        let mut hold = pin!(tokio::time::sleep_until(deadline.into()));
-        // Readiness polled on the socket rather than awaited through `readable()`, whose
-        // future would add its waiter to every parked connection's task.
-        poll_fn(|cx| {
-            // An error is hyper's to see and report.
-            if io.stream().poll_read_ready(cx).is_ready() {
-                return Poll::Ready(true);
-            }
-            if stop.as_mut().poll(cx).is_ready() || hold.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(false);
-            }
-            Poll::Pending
-        })
-        .await
     }
 
     async fn request(

@@ -162,6 +162,95 @@ async fn an_idle_client_connection_is_parked_and_serves_its_next_request() {
 }
 
 #[tokio::test]
+async fn parked_client_connections_have_no_task_of_their_own() {
+    const CLIENTS: usize = 40;
+    let up = upstream(Behaviour::default()).await;
+    let kg = start(config(&[up.addr()])).await;
+    let mut first = Client::connect(kg.addr).await;
+    assert_eq!(first.get("/").await.status(), 200);
+    kg.metric_reaches(PARKED, 1.0).await;
+    let tasks = || {
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks()
+    };
+    let before = tasks();
+    // Bare sockets: the test's own HTTP client would add a task per connection.
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        let mut stream = tokio::net::TcpStream::connect(kg.addr).await.unwrap();
+        assert!(exchange(&mut stream).await.starts_with("HTTP/1.1 200"));
+        clients.push(stream);
+    }
+    kg.metric_reaches(PARKED, (CLIENTS + 1) as f64).await;
+    // Room for upstream connections opened meanwhile, none for one task per client.
+    assert!(
+        tasks() < before + CLIENTS / 4,
+        "{} tasks with {CLIENTS} more parked connections, {before} before",
+        tasks()
+    );
+    for stream in &mut clients {
+        assert!(exchange(stream).await.starts_with("HTTP/1.1 200"));
+    }
+    assert_eq!(
+        kg.metric("kaguard_downstream_connections_total").await,
+        (CLIENTS + 1) as f64
+    );
+}
+
+/// Sends `GET /` and reads the whole response, framed by its Content-Length.
+async fn exchange(stream: &mut tokio::net::TcpStream) -> String {
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let text = String::from_utf8_lossy(&seen).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length = text[..end]
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse::<usize>().unwrap())
+                })
+                .expect("a Content-Length");
+            if seen.len() >= end + 4 + length {
+                return text;
+            }
+        }
+        let n = tokio::time::timeout_at(deadline, stream.read(&mut buf))
+            .await
+            .expect("the response in time")
+            .unwrap();
+        assert!(n > 0, "closed after {text:?}");
+        seen.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[tokio::test]
+async fn a_connection_parked_again_is_held_from_its_last_request() {
+    let up = upstream(Behaviour::default()).await;
+    let mut cfg = config(&[up.addr()]);
+    // Held 3 s after each request: the announced 2 s plus the grace of one second.
+    cfg.downstream.keepalive_timeout = Duration::from_secs(2);
+    let kg = start(cfg).await;
+    let mut client = Client::connect(kg.addr).await;
+    assert_eq!(client.get("/").await.status(), 200);
+    kg.metric_reaches(PARKED, 1.0).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(client.get("/").await.status(), 200);
+    kg.metric_reaches(PARKED, 1.0).await;
+    // Past the first park's hold, well inside the second's.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    assert_eq!(client.get("/").await.status(), 200);
+    assert_eq!(kg.metric("kaguard_downstream_connections_total").await, 1.0);
+}
+
+#[tokio::test]
 async fn a_request_begun_before_the_connection_parked_is_served_after_it() {
     let up = upstream(Behaviour::default()).await;
     let kg = start(config(&[up.addr()])).await;
