@@ -38,9 +38,9 @@ pub const IDLE_GRACE: Duration = Duration::from_secs(1);
 /// reproducer's quick sweeps (around 100 ms): with 100 ms, the quick demo's steady phase, after
 /// sweeps whose pauses crossed it, opened two to three times its usual upstream connections in
 /// 4 of 33 runs, for a reason not found yet (250 ms: 1 of 35; without parking: 0 of 52). Short,
-/// because the allocator keeps what parked connections free: a burst of new connections costs
-/// as much resident memory as the state of those opened within this time (`bench/idle.sh`:
-/// 1.61 KiB per idle connection at 250 ms, 7.7 KiB at 1 s).
+/// because a burst of new connections costs the state of every one not parked yet, and the
+/// allocator returns it lazily (`bench/idle.sh`, before the lot and with mimalloc v3: 1.61 KiB
+/// per idle connection at 250 ms, 7.7 KiB at 1 s).
 pub const PARK_AFTER: Duration = Duration::from_millis(250);
 
 /// The future of one request, boxed: hyper keeps room for the service's future for as long

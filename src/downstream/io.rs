@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use crate::observed::Observer;
 
 /// What the connection is doing, shared by the socket wrapper, the service and the driver.
-/// All of them run on the connection's one task; atomics only make the struct `Sync`.
+/// All of them run on the connection's task, and the lot reads it while the connection is
+/// parked, after the hand-over; atomics only make the struct `Sync`.
 #[derive(Debug)]
 pub(super) struct Tracker {
     pub(super) accepted: Instant,

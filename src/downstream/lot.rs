@@ -1,4 +1,5 @@
-//! Where idle client connections wait: one lot per accept loop, and so per worker. A parked
+//! Where idle client connections wait: one lot per accept loop, so on the worker that accepted
+//! the connection (a worker runs an accept loop per listen address). A parked
 //! connection is its socket and a few fields in a slot here, with no task of its own, until
 //! the client sends again (it gets a task back), its idle hold passes, or shutdown begins.
 //!
@@ -51,7 +52,8 @@ pub(super) fn park(entrance: &Entrance, conn: Connection, metrics: &Metrics) {
 
 /// A connection leaving the lot for good: the close hyper would have made.
 pub(super) fn close(mut conn: Connection, metrics: &Metrics) {
-    // A TCP shutdown completes at once; nothing is left to flush on a parked connection.
+    // A TCP shutdown completes at once; nothing is left to flush on a parked connection, and
+    // the park's "keep open" mark was cleared when hyper's connection ended.
     let _ = Pin::new(&mut conn.io).poll_shutdown(&mut Context::from_waker(Waker::noop()));
     metrics.downstream_active.dec();
 }
@@ -94,8 +96,9 @@ async fn run(mut arrivals: UnboundedReceiver<Box<Connection>>, cx: Setup) {
             metrics.downstream_parked.dec();
             resume(conn);
         }
+        let mut due = Instant::now();
         loop {
-            for conn in lot.expired(Instant::now()) {
+            for conn in lot.expired(due) {
                 metrics.downstream_parked.dec();
                 close(*conn, &metrics);
             }
@@ -108,6 +111,9 @@ async fn run(mut arrivals: UnboundedReceiver<Box<Connection>>, cx: Setup) {
             if hold.as_mut().poll(task).is_pending() {
                 break;
             }
+            // The timer fired: its hold is due even if the clock reads a hair earlier, so the
+            // loop always moves on.
+            due = due.max(next);
         }
         Poll::Pending
     })

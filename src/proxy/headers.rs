@@ -89,14 +89,19 @@ struct Seen {
     expect: bool,
     forwarded_for: bool,
     request_id: bool,
+    /// Host lines: one is left as it is; none or several are replaced by the routed host.
+    hosts: usize,
 }
 
 impl Seen {
     fn scan(headers: &HeaderMap) -> Seen {
         let mut seen = Seen::default();
-        for name in headers.keys() {
+        // Every line, not every name: a repeated Host counts.
+        for name in headers.iter().map(|(name, _)| name) {
             if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
                 seen.hop_by_hop[i] = true;
+            } else if name == header::HOST {
+                seen.hosts += 1;
             } else if name == header::EXPECT {
                 seen.expect = true;
             } else if name == X_FORWARDED_FOR {
@@ -143,9 +148,10 @@ pub struct Forwarded<'a> {
     pub host_from_target: bool,
 }
 
-/// Headers a request gains on its way upstream: X-Forwarded-For, -Proto and -Host, and
-/// X-Request-Id when the client sent none. Reserved at once, so the map grows once at most.
-const ADDED: usize = 4;
+/// Headers a request gains on its way upstream: X-Forwarded-For, -Proto and -Host, X-Request-Id
+/// when the client sent none, Host, and `Connection: close`. Reserved at once, so the map
+/// grows once at most.
+const ADDED: usize = 6;
 
 /// Turns a client's request headers into the upstream's. Returns the request id.
 pub fn to_upstream(headers: &mut HeaderMap, fwd: &Forwarded<'_>, reuse: bool) -> HeaderValue {
@@ -177,7 +183,9 @@ pub fn to_upstream(headers: &mut HeaderMap, fwd: &Forwarded<'_>, reuse: bool) ->
     }
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     if let Some(host) = fwd.host {
-        if fwd.host_from_target {
+        // The client's own single Host line is the routed host already, unless `Connection`
+        // listed it and it was removed with the hop-by-hop headers.
+        if fwd.host_from_target || seen.hosts != 1 || seen.hop_by_hop[0] {
             headers.insert(header::HOST, host.clone());
         }
         headers.insert(X_FORWARDED_HOST, host.clone());
@@ -298,6 +306,24 @@ mod tests {
         assert_eq!(h["host"], "example.com");
         assert_eq!(id, "abc");
         assert!(!h.contains_key("connection"));
+    }
+
+    #[test]
+    fn the_routed_host_replaces_several_host_lines_and_one_connection_removed() {
+        let routed = HeaderValue::from_static("a.example");
+        let fwd = Forwarded {
+            client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            host: Some(&routed),
+            host_from_target: false,
+        };
+        for mut h in [
+            map(&[("host", "a.example"), ("host", "b.example")]),
+            map(&[("host", "a.example"), ("connection", "host")]),
+        ] {
+            to_upstream(&mut h, &fwd, true);
+            let hosts: Vec<_> = h.get_all(header::HOST).iter().collect();
+            assert_eq!(hosts, [&routed], "{h:?}");
+        }
     }
 
     #[test]
