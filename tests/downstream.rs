@@ -231,16 +231,22 @@ async fn exchange(stream: &mut tokio::net::TcpStream) -> String {
     }
 }
 
-#[tokio::test]
-async fn a_connection_parked_again_is_held_from_its_last_request() {
+/// kaguard holding idle client connections for 3 s (the announced 2 s plus the grace of one
+/// second), and a client whose connection served one request and parked.
+async fn parked_with_a_short_hold() -> (TestUpstream, Kaguard, Client) {
     let up = upstream(Behaviour::default()).await;
     let mut cfg = config(&[up.addr()]);
-    // Held 3 s after each request: the announced 2 s plus the grace of one second.
     cfg.downstream.keepalive_timeout = Duration::from_secs(2);
     let kg = start(cfg).await;
     let mut client = Client::connect(kg.addr).await;
     assert_eq!(client.get("/").await.status(), 200);
     kg.metric_reaches(PARKED, 1.0).await;
+    (up, kg, client)
+}
+
+#[tokio::test]
+async fn a_connection_parked_again_is_held_from_its_last_request() {
+    let (_up, kg, mut client) = parked_with_a_short_hold().await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(client.get("/").await.status(), 200);
     kg.metric_reaches(PARKED, 1.0).await;
@@ -293,14 +299,7 @@ async fn a_parked_client_connection_is_closed_at_shutdown() {
 
 #[tokio::test]
 async fn a_parked_client_connection_is_closed_when_idle_past_its_hold() {
-    let up = upstream(Behaviour::default()).await;
-    let mut cfg = config(&[up.addr()]);
-    cfg.downstream.keepalive_timeout = Duration::from_secs(2);
-    let kg = start(cfg).await;
-    let mut client = Client::connect(kg.addr).await;
-    assert_eq!(client.get("/").await.status(), 200);
-    kg.metric_reaches(PARKED, 1.0).await;
-    // The hold is the announced 2 s plus the grace of one second.
+    let (_up, kg, mut client) = parked_with_a_short_hold().await;
     assert!(
         client.closed_within(PATIENCE).await,
         "parked client connection left open"
