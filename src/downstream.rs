@@ -114,10 +114,9 @@ impl Downstream {
     /// Accepts clients until shutdown begins. Idle connections wait in this loop's lot.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         let metrics = self.proxy.metrics().clone();
-        let shutdown = self.shutdown.clone();
         let downstream = Arc::downgrade(&self);
         let lot = lot::open(lot::Setup {
-            stop: Box::pin(async move { shutdown.begun().await }),
+            shutdown: self.shutdown.clone(),
             metrics: metrics.clone(),
             timeouts: self.timeouts,
             resume: Box::new(move |conn| match downstream.upgrade() {
@@ -180,17 +179,18 @@ impl Downstream {
         let metrics = self.proxy.metrics();
         let mut stop = pin!(self.shutdown.begun());
         loop {
-            // Boxed, so that the task of a connection between two parks does not keep room
-            // for hyper's connection.
-            let served = Box::pin(self.serve_until_parked(
-                conn.io,
-                conn.addr,
-                conn.serial,
-                &conn.tracker,
-                stop.as_mut(),
-                &mut conn.parked_after,
-            ))
-            .await;
+            // Not boxed: a parked connection has no task, so the room hyper's connection takes
+            // in this one is only held while the connection is busy.
+            let served = self
+                .serve_until_parked(
+                    conn.io,
+                    conn.addr,
+                    conn.serial,
+                    &conn.tracker,
+                    stop.as_mut(),
+                    &mut conn.parked_after,
+                )
+                .await;
             let Served::Parked(io) = served else {
                 break;
             };

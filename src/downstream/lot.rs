@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncWrite;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
-use super::Connection;
 use super::io::Wait;
+use super::{Connection, Shutdown};
 use crate::metrics::Metrics;
 
 /// Hands a parked connection to its lot.
@@ -28,8 +28,7 @@ pub(super) type Entrance = UnboundedSender<Box<Connection>>;
 
 /// What the lot needs from the client side.
 pub(super) struct Setup {
-    /// Resolves once shutdown has begun.
-    pub stop: Pin<Box<dyn Future<Output = ()> + Send>>,
+    pub shutdown: Arc<Shutdown>,
     pub metrics: Arc<Metrics>,
     pub timeouts: super::Timeouts,
     /// Gives a connection whose client sent again a task to serve it.
@@ -60,12 +59,13 @@ pub(super) fn close(mut conn: Connection, metrics: &Metrics) {
 
 async fn run(mut arrivals: UnboundedReceiver<Box<Connection>>, cx: Setup) {
     let Setup {
-        mut stop,
+        shutdown,
         metrics,
         timeouts,
         resume,
     } = cx;
     let mut lot = Lot::default();
+    let mut stop = pin!(shutdown.begun());
     let mut stopping = false;
     let mut hold = pin!(tokio::time::sleep(Duration::ZERO));
     poll_fn(|task| {

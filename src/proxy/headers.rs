@@ -193,7 +193,7 @@ pub fn to_upstream(headers: &mut HeaderMap, fwd: &Forwarded<'_>, reuse: bool) ->
     if !reuse {
         headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
-    match headers.get(X_REQUEST_ID).filter(|_| seen.request_id) {
+    match seen.request_id.then(|| headers.get(X_REQUEST_ID)).flatten() {
         Some(id) if !id.is_empty() => id.clone(),
         _ => {
             let id = new_request_id();
