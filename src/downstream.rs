@@ -4,6 +4,7 @@
 
 mod io;
 mod lot;
+mod observed;
 
 use std::future::{Future, poll_fn};
 use std::net::SocketAddr;
@@ -23,10 +24,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 
 use crate::config::DownstreamConfig;
-use crate::observed::Observed;
 use crate::proxy::body::ResponseBody;
 use crate::proxy::{Abort, Client, Proxy, headers};
 use io::{ClientSide, Tracker, Wait};
+use observed::Observed;
 
 /// How much longer than announced an idle client connection is held. Clients that honor
 /// `Keep-Alive: timeout=N` (Node's agent, undici) then always close first, so kaguard never

@@ -16,7 +16,6 @@ pub mod downstream;
 pub mod error;
 pub mod health;
 pub mod metrics;
-pub mod observed;
 pub mod pool;
 pub mod proxy;
 pub mod resolve;

@@ -21,7 +21,7 @@ type Labels = Vec<(&'static str, String)>;
 /// Why a pooled connection was dropped at checkout; a metric label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Dropped {
-    /// hyper's connection task had already seen the close.
+    /// The connection's own reads had already seen the close.
     Closed,
     /// The socket check found the upstream's FIN.
     Fin,

@@ -202,7 +202,7 @@ impl Proxy {
     #[allow(clippy::too_many_arguments)]
     fn respond(
         &self,
-        resp: Response<Incoming>,
+        resp: Response<()>,
         mut lease: Lease,
         group: &Arc<Group>,
         mut entry: Entry,
@@ -210,7 +210,7 @@ impl Proxy {
         sent_at: Instant,
         retries: Vec<Cause>,
     ) -> Response<ResponseBody> {
-        let (mut parts, incoming) = resp.into_parts();
+        let (mut parts, ()) = resp.into_parts();
         let upstream_keep_alive = headers::wants_keep_alive(parts.version, &parts.headers);
         if group.guards.honor_hints {
             let (timeout, max) = headers::keep_alive_hint(&parts.headers);
@@ -228,13 +228,13 @@ impl Proxy {
             entry,
             start,
             sent_at: Some(sent_at),
-            lease: Some((lease, upstream_keep_alive)),
+            upstream_keep_alive,
             group: Some(group.clone()),
             retries,
             log: self.log.clone(),
             metrics: self.metrics.clone(),
         };
-        let body = ResponseBody::upstream(incoming, group.read_timeout).on_end(Box::new(finish));
+        let body = ResponseBody::upstream(lease, group.read_timeout).on_end(Box::new(finish));
         Response::from_parts(parts, body)
     }
 
@@ -257,7 +257,7 @@ impl Proxy {
             entry,
             start,
             sent_at: None,
-            lease: None,
+            upstream_keep_alive: false,
             group,
             retries,
             log: self.log.clone(),
@@ -281,7 +281,8 @@ struct Finish {
     entry: Entry,
     start: Instant,
     sent_at: Option<Instant>,
-    lease: Option<(Lease, bool)>,
+    /// The upstream's response allows its connection to be kept.
+    upstream_keep_alive: bool,
     group: Option<Arc<Group>>,
     retries: Vec<Cause>,
     log: AccessLog,
@@ -289,10 +290,10 @@ struct Finish {
 }
 
 impl OnEnd for Finish {
-    fn on_end(mut self: Box<Self>, end: End, body_bytes: u64) {
+    fn on_end(mut self: Box<Self>, end: End, body_bytes: u64, lease: Option<Lease>) {
         let now = Instant::now();
-        if let Some((lease, upstream_keep_alive)) = self.lease.take() {
-            lease.release(end == End::Complete, upstream_keep_alive, now);
+        if let Some(lease) = lease {
+            lease.release(end == End::Complete, self.upstream_keep_alive, now);
         }
         let mut entry = std::mem::take(&mut self.entry);
         match end {

@@ -28,7 +28,7 @@ pub struct Facts {
     pub idempotent: bool,
     /// The whole body is held, so it can be sent again.
     pub replayable: bool,
-    /// The failed attempt's request came back unsent from hyper, body untouched.
+    /// The failed attempt wrote nothing, and its streamed body came back untouched.
     pub returned: bool,
     /// Tries made so far that count against `attempts`.
     pub attempts: u32,

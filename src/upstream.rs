@@ -1,29 +1,48 @@
-//! One upstream HTTP/1.1 connection: connect, handshake, drive it, and report how far an
-//! exchange got and whether the upstream has closed it.
+//! One upstream HTTP/1.1 connection, driven by the task of the request it carries: connect,
+//! write the request, read the response, and report how far an exchange got and whether the
+//! upstream has closed it.
+//!
+//! The request's own task does the reading and writing, so an exchange costs no hand-off to
+//! another task and no wake-up of one. An idle connection has no reader; its socket's
+//! readiness wakes the group's reaper instead (see [`UpstreamConn::watch_idle`]).
 //!
 //! Policy (reuse, retry, status codes) lives elsewhere; this module only observes. Bytes
 //! written and read are counted at the socket, which is how a failed exchange is typed:
 //! nothing written means the upstream cannot have seen the request.
 
-use std::future::Future;
-use std::io;
+mod decode;
+mod encode;
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, OwnedFd};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use http::{Request, Response};
-use hyper::body::Incoming;
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
+use bytes::{Buf, Bytes, BytesMut};
+use http::{HeaderMap, Method, Response, Uri};
+use hyper::body::{Frame, SizeHint};
 use socket2::SockRef;
+use tokio::io::{AsyncWrite, Interest};
 use tokio::net::TcpStream;
 
 use crate::error::{Failure, Transport};
-use crate::observed::{Observed, Observer};
 use crate::proxy::body::{BodyError, RequestBody};
+use decode::{Framing, Step};
+use encode::Sending;
+
+/// First read size for a response body. Small bodies arrive with their head; this is for
+/// the ones that do not.
+const READ_MIN: usize = 16 * 1024;
+
+/// Largest read: a read that fills its buffer doubles the next one up to this, so a large
+/// body moves in few system calls while a connection never holds more than this unread.
+const READ_MAX: usize = 256 * 1024;
+
+/// Most buffers handed to one vectored write; a chunked body queues three per chunk.
+const WRITE_SLICES: usize = 16;
 
 /// What a non-blocking look at an idle connection's socket found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,75 +55,74 @@ pub enum Peek {
     StrayBytes,
 }
 
-/// Counters shared by the I/O wrapper (inside hyper's connection task) and the handle.
+/// Why an exchange stopped. [`UpstreamConn::failure`] types it by how far the exchange got.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    #[error("{0}")]
+    Io(#[source] io::Error),
+    #[error("the upstream closed the connection")]
+    Eof,
+    #[error("the upstream sent bytes that are not HTTP/1")]
+    Invalid,
+    #[error("{0}")]
+    RequestBody(#[source] BodyError),
+}
+
+impl ConnError {
+    fn transport(&self) -> Transport {
+        match self {
+            ConnError::Io(err) => Transport::from_io(err),
+            ConnError::Eof => Transport::Eof,
+            _ => Transport::Other,
+        }
+    }
+}
+
+/// Where the exchange on a connection stands.
 #[derive(Debug)]
-struct Shared {
-    written: AtomicU64,
-    read: AtomicU64,
-    /// Nanoseconds since `epoch` of the last byte moved either way.
-    progress_ns: AtomicU64,
-    epoch: Instant,
-    /// Set when hyper's connection task ended (the upstream closed, or an error).
-    task_done: AtomicBool,
-    /// Nanoseconds since `epoch` + 1 when a read first saw EOF or an error; 0 until then.
-    closed_ns: AtomicU64,
+enum Reading {
+    /// No exchange yet, or the last one ended cleanly.
+    Idle,
+    /// A request is going out; its response head is awaited.
+    Head {
+        head_request: bool,
+    },
+    Body(Framing),
+    /// The response ended with the upstream's close.
+    Drained,
+    /// The exchange failed.
+    Spent,
 }
 
-impl Shared {
-    fn now_ns(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
-    }
-
-    fn touch(&self) {
-        self.progress_ns.store(self.now_ns(), Ordering::Relaxed);
-    }
-
-    fn mark_closed(&self) {
-        let _ = self.closed_ns.compare_exchange(
-            0,
-            self.now_ns() + 1,
-            Ordering::Relaxed,
-            Ordering::Relaxed,
-        );
-    }
-}
-
-/// What the upstream socket reports: bytes moved each way, and when the upstream closed.
-struct Counting(Arc<Shared>);
-
-impl Observer for Counting {
-    fn read(&mut self, added: &[u8], closed: bool) {
-        if !added.is_empty() {
-            self.0.read.fetch_add(added.len() as u64, Ordering::Relaxed);
-            self.0.touch();
-        }
-        if closed {
-            self.0.mark_closed();
-        }
-    }
-
-    fn wrote(&mut self, written: usize, _pending: bool) {
-        if written > 0 {
-            self.0.written.fetch_add(written as u64, Ordering::Relaxed);
-            self.0.touch();
-        }
-    }
-}
-
-/// A connection to one upstream server, ready to carry requests one at a time.
+/// A connection to one upstream server, carrying requests one at a time.
 pub struct UpstreamConn {
-    sender: http1::SendRequest<RequestBody>,
-    shared: Arc<Shared>,
-    /// A second descriptor of the same socket, so the pool can peek at it while hyper owns
-    /// the stream; peeking through it leaves tokio's readiness state alone.
-    peek_fd: OwnedFd,
+    stream: TcpStream,
     pub addr: SocketAddr,
+    /// Bytes read and not yet handed out.
+    buf: BytesMut,
+    read_size: usize,
+    /// Room for where a response head's lines lie, kept from one response to the next.
+    spans: Vec<decode::Spans>,
+    /// Bytes still to be written, in order.
+    out: VecDeque<Bytes>,
+    /// A streamed request body still going out; boxed, as only streamed bodies need it.
+    sending: Option<Box<Sending>>,
+    reading: Reading,
+    written: u64,
+    read: u64,
+    last_progress: Instant,
+    /// When a read first saw the upstream's FIN or an error.
+    closed_at: Option<Instant>,
+    /// The exchange under way is the connection's last: its response said so by its
+    /// framing, or its request body could not be sent whole.
+    last: bool,
 }
 
 impl std::fmt::Debug for UpstreamConn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("UpstreamConn")
             .field("addr", &self.addr)
+            .field("reading", &self.reading)
             .finish_non_exhaustive()
     }
 }
@@ -117,147 +135,370 @@ pub struct Mark {
 }
 
 impl UpstreamConn {
-    /// Connects and performs the (trivial) HTTP/1 handshake.
     pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<UpstreamConn, Failure> {
         let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
             Err(_) => return Err(Failure::ConnectTimeout(timeout)),
             Ok(Err(err)) => return Err(Failure::Connect(err)),
             Ok(Ok(stream)) => stream,
         };
-        // Requests are written whole by hyper; Nagle would only add latency.
+        // Requests are written whole; Nagle would only add latency.
         stream.set_nodelay(true).map_err(Failure::Connect)?;
-        let peek_fd = stream
-            .as_fd()
-            .try_clone_to_owned()
-            .map_err(Failure::Connect)?;
-        let shared = Arc::new(Shared {
-            written: AtomicU64::new(0),
-            read: AtomicU64::new(0),
-            progress_ns: AtomicU64::new(0),
-            epoch: Instant::now(),
-            task_done: AtomicBool::new(false),
-            closed_ns: AtomicU64::new(0),
-        });
-        let io = Observed::new(stream, Counting(shared.clone()));
-        let (sender, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(io))
-            .await
-            .map_err(|err| Failure::Connect(io::Error::other(err)))?;
-        let task_shared = shared.clone();
-        tokio::spawn(async move {
-            if let Err(err) = conn.await {
-                tracing::debug!(%addr, error = %err, "upstream connection ended with an error");
-            }
-            task_shared.mark_closed();
-            task_shared.task_done.store(true, Ordering::Release);
-        });
         Ok(UpstreamConn {
-            sender,
-            shared,
-            peek_fd,
+            stream,
             addr,
+            buf: BytesMut::new(),
+            read_size: READ_MIN,
+            spans: Vec::new(),
+            out: VecDeque::new(),
+            sending: None,
+            reading: Reading::Idle,
+            written: 0,
+            read: 0,
+            last_progress: Instant::now(),
+            closed_at: None,
+            last: false,
         })
     }
 
-    /// Whether hyper already knows the connection is closed.
+    /// Whether the connection is known to be unable to carry another exchange.
     pub fn is_closed(&self) -> bool {
-        self.shared.task_done.load(Ordering::Acquire)
-            || self.sender.is_closed()
-            || self.closed_at().is_some()
+        self.closed_at.is_some() || self.last || matches!(self.reading, Reading::Spent)
+    }
+
+    /// Whether the last exchange ended cleanly: the whole request sent, the whole response
+    /// read and nothing after it, the connection open.
+    pub fn is_reusable(&self) -> bool {
+        matches!(self.reading, Reading::Idle)
+            && self.out.is_empty()
+            && self.sending.is_none()
+            && self.buf.is_empty()
+            && self.closed_at.is_none()
+            && !self.last
     }
 
     /// When a read first saw the upstream's FIN or an error, if one did.
     pub fn closed_at(&self) -> Option<Instant> {
-        match self.shared.closed_ns.load(Ordering::Relaxed) {
-            0 => None,
-            ns => Some(self.shared.epoch + Duration::from_nanos(ns - 1)),
-        }
+        self.closed_at
     }
 
     /// Looks, without blocking or consuming anything, for a FIN, RST or stray bytes that
-    /// arrived while the connection was idle.
+    /// arrived while the connection was idle. Leaves tokio's readiness state alone.
     pub fn peek(&self) -> Peek {
-        let mut buf = [MaybeUninit::<u8>::uninit(); 1];
-        match SockRef::from(&self.peek_fd).peek(&mut buf) {
-            Ok(0) => Peek::Closed(Transport::Eof),
-            Ok(_) => Peek::StrayBytes,
-            Err(err) if err.kind() == io::ErrorKind::WouldBlock => Peek::Clean,
-            Err(err) => Peek::Closed(Transport::from_io(&err)),
+        peek(&self.stream)
+    }
+
+    /// For an idle connection: makes the upstream's next byte, FIN or RST wake `waker`,
+    /// and says what is there already. The reaper's waker, so that a close of an idle
+    /// connection is seen the moment it arrives, which is what the learner needs.
+    pub fn watch_idle(&self, waker: &Waker) -> Peek {
+        let mut cx = Context::from_waker(waker);
+        // Readiness left over from the last response (its reads did not end on
+        // WouldBlock) is cleared by the peek that finds nothing; at most twice round.
+        for _ in 0..2 {
+            match self.stream.poll_read_ready(&mut cx) {
+                Poll::Pending => return Peek::Clean,
+                Poll::Ready(Err(err)) => return Peek::Closed(Transport::from_io(&err)),
+                Poll::Ready(Ok(())) => {}
+            }
+            match self
+                .stream
+                .try_io(Interest::READABLE, || match peek(&self.stream) {
+                    Peek::Clean => Err(io::ErrorKind::WouldBlock.into()),
+                    found => Ok(found),
+                }) {
+                Ok(found) => return found,
+                Err(_) => continue,
+            }
         }
+        self.peek()
     }
 
     /// Bytes moved so far, to tell later how far an exchange got.
     pub fn mark(&self) -> Mark {
         Mark {
-            written: self.shared.written.load(Ordering::Relaxed),
-            read: self.shared.read.load(Ordering::Relaxed),
+            written: self.written,
+            read: self.read,
         }
-    }
-
-    /// Whether any byte was written since `mark`.
-    pub fn wrote_since(&self, mark: Mark) -> bool {
-        self.shared.written.load(Ordering::Relaxed) > mark.written
-    }
-
-    /// Whether any byte was read since `mark`.
-    pub fn read_since(&self, mark: Mark) -> bool {
-        self.shared.read.load(Ordering::Relaxed) > mark.read
     }
 
     /// The last time a byte moved in either direction.
     pub fn last_progress(&self) -> Instant {
-        self.shared.epoch + Duration::from_nanos(self.shared.progress_ns.load(Ordering::Relaxed))
+        self.last_progress
     }
 
-    /// Waits until hyper can take a request on this connection.
-    pub async fn ready(&mut self) -> Result<(), hyper::Error> {
-        self.sender.ready().await
+    /// Whether a request body is still going out.
+    pub fn is_sending(&self) -> bool {
+        self.sending.is_some()
     }
 
-    /// Sends a request. If hyper hands it back unsent, the error carries it.
-    pub fn send(
+    /// Queues a request; [`UpstreamConn::poll_response`] sends it.
+    pub fn start(&mut self, method: &Method, uri: &Uri, headers: &HeaderMap, body: RequestBody) {
+        debug_assert!(matches!(self.reading, Reading::Idle));
+        self.sending = encode::request(method, uri, headers, body, &mut self.out).map(Box::new);
+        self.reading = Reading::Head {
+            head_request: method == Method::HEAD,
+        };
+    }
+
+    /// The streamed body of a request of which nothing was written, to send it elsewhere.
+    pub fn take_unsent_body(&mut self, mark: Mark) -> Option<RequestBody> {
+        if self.written > mark.written {
+            return None;
+        }
+        self.out.clear();
+        self.sending.take().map(|s| s.into_body())
+    }
+
+    /// Types an exchange's error by how far the exchange got since `mark`.
+    pub fn failure(&self, err: ConnError, mark: Mark, reused: bool) -> Failure {
+        match err {
+            ConnError::RequestBody(err) => Failure::RequestBody(err),
+            ConnError::Invalid if self.read > mark.read => Failure::InvalidResponse,
+            _ if self.written == mark.written => Failure::NotSent { reused },
+            err => Failure::NoResponse {
+                reused,
+                transport: err.transport(),
+            },
+        }
+    }
+
+    /// Sends the request and reads until a final response head. The body stays on the
+    /// connection, for [`UpstreamConn::poll_frame`].
+    pub fn poll_response(&mut self, cx: &mut Context<'_>) -> Poll<Result<Response<()>, ConnError>> {
+        let head_request = match self.reading {
+            Reading::Head { head_request } => head_request,
+            _ => return Poll::Ready(Err(ConnError::Eof)),
+        };
+        // The upstream may answer before it has the whole request, and may need to, so the
+        // head is looked for whatever the sending did.
+        let sent = self.poll_send(cx);
+        loop {
+            let parsed = if self.buf.is_empty() {
+                Ok(None)
+            } else {
+                decode::head(&mut self.buf, head_request, &mut self.spans)
+            };
+            match parsed {
+                Err(_) => return Poll::Ready(Err(self.spend(ConnError::Invalid))),
+                Ok(Some(head)) => {
+                    self.last |= head.last;
+                    self.reading = match head.framing {
+                        Framing::Length(0) => Reading::Idle,
+                        framing => Reading::Body(framing),
+                    };
+                    return Poll::Ready(Ok(head.response));
+                }
+                Ok(None) => {}
+            }
+            match self.poll_fill(cx) {
+                Poll::Ready(Ok(())) => continue,
+                Poll::Ready(Err(err)) => {
+                    // A failed write says more than the close that followed it.
+                    let err = match sent {
+                        Poll::Ready(Err(sent)) => sent,
+                        _ => err,
+                    };
+                    return Poll::Ready(Err(self.spend(err)));
+                }
+                Poll::Pending => {}
+            }
+            return match sent {
+                Poll::Ready(Err(err @ ConnError::RequestBody(_))) => {
+                    Poll::Ready(Err(self.spend(err)))
+                }
+                _ => Poll::Pending,
+            };
+        }
+    }
+
+    /// Sends a request and reads all of its response: for callers that want the whole
+    /// exchange at once, without timeouts of their own.
+    pub async fn round_trip(
         &mut self,
-        req: Request<RequestBody>,
-    ) -> impl Future<
-        Output = Result<
-            Response<Incoming>,
-            hyper::client::conn::TrySendError<Request<RequestBody>>,
-        >,
-    > + use<> {
-        self.sender.try_send_request(req)
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        body: RequestBody,
+    ) -> Result<(Response<()>, Bytes), ConnError> {
+        self.start(method, uri, headers, body);
+        let response = std::future::poll_fn(|cx| self.poll_response(cx)).await?;
+        let mut body = BytesMut::new();
+        while let Some(frame) = std::future::poll_fn(|cx| self.poll_frame(cx)).await {
+            if let Ok(data) = frame?.into_data() {
+                body.extend_from_slice(&data);
+            }
+        }
+        Ok((response, body.freeze()))
+    }
+
+    /// The response body's next frame. Keeps a streamed request body going out meanwhile,
+    /// since an upstream may answer while it still reads (an echo).
+    pub fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ConnError>>> {
+        if self.sending.is_some() || !self.out.is_empty() {
+            // The response is what matters now: a request body that fails only means the
+            // connection cannot be reused, which `is_reusable` sees.
+            if let Poll::Ready(Err(_)) = self.poll_send(cx) {
+                self.sending = None;
+                self.out.clear();
+                self.last = true;
+            }
+        }
+        loop {
+            let Reading::Body(framing) = &mut self.reading else {
+                return Poll::Ready(None);
+            };
+            match framing {
+                Framing::Length(left) if !self.buf.is_empty() => {
+                    let n = (*left).min(self.buf.len() as u64);
+                    *left -= n;
+                    let data = self.buf.split_to(n as usize).freeze();
+                    if *left == 0 {
+                        self.reading = Reading::Idle;
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Framing::Length(_) => {}
+                Framing::Chunked(chunked) => match chunked.step(&mut self.buf) {
+                    Err(_) => return Poll::Ready(Some(Err(self.spend(ConnError::Invalid)))),
+                    Ok(Step::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                    Ok(Step::Trailers(trailers)) => {
+                        self.reading = Reading::Idle;
+                        return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                    }
+                    Ok(Step::End) => {
+                        self.reading = Reading::Idle;
+                        return Poll::Ready(None);
+                    }
+                    Ok(Step::NeedMore) => {}
+                },
+                Framing::UntilClose if !self.buf.is_empty() => {
+                    let data = self.buf.split().freeze();
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Framing::UntilClose => {}
+            }
+            match std::task::ready!(self.poll_fill(cx)) {
+                Ok(()) => {}
+                Err(ConnError::Eof)
+                    if matches!(self.reading, Reading::Body(Framing::UntilClose)) =>
+                {
+                    self.reading = Reading::Drained;
+                    return Poll::Ready(None);
+                }
+                Err(err) => return Poll::Ready(Some(Err(self.spend(err)))),
+            }
+        }
+    }
+
+    /// Whether the response body has been read to its end.
+    pub fn body_ended(&self) -> bool {
+        matches!(self.reading, Reading::Idle | Reading::Drained)
+    }
+
+    pub fn body_size_hint(&self) -> SizeHint {
+        match &self.reading {
+            Reading::Body(Framing::Length(left)) => SizeHint::with_exact(*left),
+            Reading::Body(_) => SizeHint::default(),
+            _ => SizeHint::with_exact(0),
+        }
+    }
+
+    fn spend(&mut self, err: ConnError) -> ConnError {
+        self.reading = Reading::Spent;
+        err
+    }
+
+    /// Writes what is queued, and queues the streamed body's frames as they come, until
+    /// the socket or the body makes it wait. `Ready(Ok)` once all of the request is out.
+    fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ConnError>> {
+        loop {
+            while !self.out.is_empty() {
+                let mut slices = [IoSlice::new(&[]); WRITE_SLICES];
+                let mut count = 0;
+                for (slot, bytes) in slices.iter_mut().zip(&self.out) {
+                    *slot = IoSlice::new(bytes);
+                    count += 1;
+                }
+                let n = match Pin::new(&mut self.stream).poll_write_vectored(cx, &slices[..count]) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Err(err)) => return Poll::Ready(Err(ConnError::Io(err))),
+                    Poll::Ready(Ok(0)) => {
+                        return Poll::Ready(Err(ConnError::Io(io::ErrorKind::WriteZero.into())));
+                    }
+                    Poll::Ready(Ok(n)) => n,
+                };
+                self.written += n as u64;
+                self.last_progress = Instant::now();
+                let mut left = n;
+                while left > 0 {
+                    let front = self.out.front_mut().expect("written bytes were queued");
+                    if front.len() <= left {
+                        left -= front.len();
+                        self.out.pop_front();
+                    } else {
+                        front.advance(left);
+                        left = 0;
+                    }
+                }
+            }
+            let Some(sending) = self.sending.as_mut() else {
+                return Poll::Ready(Ok(()));
+            };
+            match std::task::ready!(sending.poll_next(cx, &mut self.out)) {
+                Ok(false) => {}
+                Ok(true) => self.sending = None,
+                Err(err) => {
+                    self.sending = None;
+                    return Poll::Ready(Err(ConnError::RequestBody(err)));
+                }
+            }
+        }
+    }
+
+    /// Reads more of the response into `buf`. `Err(Eof)` when the upstream closed.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ConnError>> {
+        if self.buf.capacity() - self.buf.len() < self.read_size / 2 {
+            self.buf.reserve(self.read_size);
+        }
+        let room = self.buf.capacity() - self.buf.len();
+        let n = match std::task::ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut self.stream),
+            cx,
+            &mut self.buf
+        )) {
+            Ok(0) => {
+                self.closed_at.get_or_insert(Instant::now());
+                return Poll::Ready(Err(ConnError::Eof));
+            }
+            Ok(n) => n,
+            Err(err) => {
+                self.closed_at.get_or_insert(Instant::now());
+                return Poll::Ready(Err(ConnError::Io(err)));
+            }
+        };
+        self.read += n as u64;
+        self.last_progress = Instant::now();
+        if n == room {
+            self.read_size = (self.read_size * 2).min(READ_MAX);
+        } else if n < room / 4 {
+            self.read_size = (self.read_size / 2).max(READ_MIN);
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
-/// Types a hyper error from an exchange that did not yield a response head.
-pub fn classify(err: &hyper::Error, conn: &UpstreamConn, mark: Mark, reused: bool) -> Failure {
-    if let Some(body_err) = find_source::<BodyError>(err) {
-        return Failure::RequestBody(body_err.clone());
+fn peek(stream: &TcpStream) -> Peek {
+    let mut buf = [MaybeUninit::<u8>::uninit(); 1];
+    match SockRef::from(stream).peek(&mut buf) {
+        Ok(0) => Peek::Closed(Transport::Eof),
+        Ok(_) => Peek::StrayBytes,
+        Err(err) if err.kind() == io::ErrorKind::WouldBlock => Peek::Clean,
+        Err(err) => Peek::Closed(Transport::from_io(&err)),
     }
-    if err.is_parse() && conn.read_since(mark) {
-        return Failure::InvalidResponse;
-    }
-    if !conn.wrote_since(mark) {
-        return Failure::NotSent { reused };
-    }
-    let transport = match find_source::<io::Error>(err) {
-        Some(io_err) => Transport::from_io(io_err),
-        None if err.is_incomplete_message() || err.is_canceled() || err.is_closed() => {
-            Transport::Eof
-        }
-        None => Transport::Other,
-    };
-    Failure::NoResponse { reused, transport }
 }
 
-fn find_source<'a, T: std::error::Error + 'static>(
-    err: &'a (dyn std::error::Error + 'static),
-) -> Option<&'a T> {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
-    while let Some(e) = cur {
-        if let Some(found) = e.downcast_ref::<T>() {
-            return Some(found);
-        }
-        cur = e.source();
-    }
-    None
-}
+#[cfg(test)]
+mod tests;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::observed::Observer;
+use super::observed::Observer;
 
 /// What the connection is doing, shared by the socket wrapper, the service and the driver.
 /// All of them run on the connection's task, and the lot reads it while the connection is

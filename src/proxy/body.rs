@@ -8,14 +8,14 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::time::{Instant, Sleep};
+
+use super::group::Lease;
+use crate::upstream::ConnError;
 
 /// Why a client's request body could not be forwarded.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -103,9 +103,6 @@ pub struct RequestBody {
     limit: u64,
     received: u64,
     gap: Gap,
-    /// Set once a streamed body has been read to its end; `None` when the whole body is held
-    /// (it goes out with the head), so only streamed bodies pay for the flag.
-    finished: Option<Arc<AtomicBool>>,
 }
 
 impl RequestBody {
@@ -117,7 +114,6 @@ impl RequestBody {
             limit: 0,
             received: 0,
             gap: Gap::new(Duration::MAX),
-            finished: None,
         }
     }
 
@@ -168,7 +164,6 @@ impl RequestBody {
         let received = buf.len() as u64;
         let prefix = (!buf.is_empty()).then(|| buf.freeze());
         let rest = (!ended && !incoming.is_end_stream()).then_some(incoming);
-        let finished = rest.is_some().then(|| Arc::new(AtomicBool::new(false)));
         Ok(RequestBody {
             prefix,
             rest,
@@ -176,13 +171,18 @@ impl RequestBody {
             limit,
             received,
             gap: Gap::new(timeout),
-            finished,
         })
     }
 
-    /// For a streamed body, whether it has been sent to its end; `None` for a held body.
-    pub fn finished(&self) -> Option<Arc<AtomicBool>> {
-        self.finished.clone()
+    /// Whether part of the body is still to be read from the client.
+    pub fn is_streamed(&self) -> bool {
+        self.rest.is_some()
+    }
+
+    /// Takes the data and trailers of a body held whole.
+    pub fn take_held(&mut self) -> (Option<Bytes>, Option<Box<HeaderMap>>) {
+        debug_assert!(self.rest.is_none());
+        (self.prefix.take(), self.trailers.take())
     }
 
     /// A copy that replays the body from the start, when all of it is held in memory.
@@ -197,7 +197,6 @@ impl RequestBody {
             limit: self.limit,
             received: self.received,
             gap: Gap::new(self.gap.timeout),
-            finished: None,
         })
     }
 }
@@ -227,9 +226,6 @@ impl Body for RequestBody {
             }
             Poll::Ready(None) => {
                 this.rest = None;
-                if let Some(finished) = &this.finished {
-                    finished.store(true, Ordering::Release);
-                }
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Err(err))) => {
@@ -283,9 +279,10 @@ pub enum End {
     Abandoned,
 }
 
-/// Called once when a response body ends, completely or not.
+/// Called once when a response body ends, completely or not, with the upstream connection
+/// the body was read from.
 pub trait OnEnd: Send + Sync + 'static {
-    fn on_end(self: Box<Self>, end: End, body_bytes: u64);
+    fn on_end(self: Box<Self>, end: End, body_bytes: u64, lease: Option<Lease>);
 }
 
 /// The response body on its way to the client.
@@ -298,7 +295,13 @@ pub struct ResponseBody {
 }
 
 enum Kind {
-    Upstream { body: Incoming, gap: Gap },
+    /// Read from the leased connection; `None` once the body ended and the lease went on.
+    Upstream {
+        lease: Option<Lease>,
+        gap: Gap,
+        /// An upstream failure held back one poll; see [`ResponseBody::poll_frame`].
+        failed: Option<ConnError>,
+    },
     Local(Option<Bytes>),
 }
 
@@ -314,12 +317,14 @@ impl ResponseBody {
         }
     }
 
-    /// The upstream's body, with `read_timeout` between two frames.
-    pub fn upstream(body: Incoming, read_timeout: Duration) -> ResponseBody {
+    /// The upstream's body, read from `lease`'s connection, with `read_timeout` between
+    /// two frames.
+    pub fn upstream(lease: Lease, read_timeout: Duration) -> ResponseBody {
         ResponseBody {
             kind: Kind::Upstream {
-                body,
+                lease: Some(lease),
                 gap: Gap::new(read_timeout),
+                failed: None,
             },
             on_end: None,
             sent: 0,
@@ -340,8 +345,12 @@ impl ResponseBody {
     }
 
     fn finish(&mut self, end: End) {
+        let lease = match &mut self.kind {
+            Kind::Upstream { lease, .. } => lease.take(),
+            Kind::Local(_) => None,
+        };
         if let Some(on_end) = self.on_end.take() {
-            on_end.on_end(end, self.sent);
+            on_end.on_end(end, self.sent, lease);
         }
     }
 }
@@ -363,7 +372,7 @@ pub enum ResponseBodyError {
     #[error("upstream timed out (110: Connection timed out) while reading upstream")]
     Timeout,
     #[error("upstream prematurely closed connection while reading upstream: {0}")]
-    Upstream(#[source] hyper::Error),
+    Upstream(#[source] ConnError),
 }
 
 impl Body for ResponseBody {
@@ -377,7 +386,20 @@ impl Body for ResponseBody {
         let this = &mut *self;
         let polled = match &mut this.kind {
             Kind::Local(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            Kind::Upstream { body, gap } => match Pin::new(&mut *body).poll_frame(cx) {
+            Kind::Upstream {
+                failed: failed @ Some(_),
+                ..
+            } => Poll::Ready(
+                failed
+                    .take()
+                    .map(|err| Err(ResponseBodyError::Upstream(err))),
+            ),
+            Kind::Upstream { lease: None, .. } => Poll::Ready(None),
+            Kind::Upstream {
+                lease: Some(lease),
+                gap,
+                failed,
+            } => match lease.conn_mut().poll_frame(cx) {
                 Poll::Pending if gap.poll_expired(cx) => {
                     Poll::Ready(Some(Err(ResponseBodyError::Timeout)))
                 }
@@ -386,8 +408,14 @@ impl Body for ResponseBody {
                     gap.progressed();
                     Poll::Ready(Some(Ok(frame)))
                 }
+                // The response head and the body read so far may still wait in the client
+                // connection's buffer, and an error now would drop them unsent: the error
+                // comes one poll later, after they were flushed, so that the client sees
+                // the response cut short rather than no response at all.
                 Poll::Ready(Some(Err(err))) => {
-                    Poll::Ready(Some(Err(ResponseBodyError::Upstream(err))))
+                    *failed = Some(err);
+                    cx.waker().wake_by_ref();
+                    Poll::Pending
                 }
                 Poll::Ready(None) => Poll::Ready(None),
             },
@@ -413,7 +441,7 @@ impl Body for ResponseBody {
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Local(bytes) => bytes.is_none(),
-            Kind::Upstream { body, .. } => body.is_end_stream(),
+            Kind::Upstream { lease, .. } => lease.as_ref().is_none_or(|l| l.conn().body_ended()),
         }
     }
 
@@ -422,7 +450,10 @@ impl Body for ResponseBody {
             Kind::Local(bytes) => {
                 SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
             }
-            Kind::Upstream { body, .. } => body.size_hint(),
+            Kind::Upstream { lease: None, .. } => SizeHint::with_exact(0),
+            Kind::Upstream {
+                lease: Some(lease), ..
+            } => lease.conn().body_size_hint(),
         }
     }
 }

@@ -1,13 +1,11 @@
 //! One request's attempts upstream: checkout or connect, send, and send again when
 //! [`retry::decide`] says so.
 
-use std::pin::pin;
+use std::future::poll_fn;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use http::{HeaderMap, Method, Request, Response, Uri, Version};
-use hyper::body::Incoming;
+use http::{HeaderMap, Method, Response, Uri};
 
 use super::Client;
 use super::body::RequestBody;
@@ -17,7 +15,7 @@ use crate::config::RetryPolicy;
 use crate::error::Failure;
 use crate::pool::Risk;
 use crate::retry::{self, Cause, Decision, Facts, Outcome};
-use crate::upstream::{self, UpstreamConn};
+use crate::upstream::UpstreamConn;
 
 /// Sends the request upstream, on a pooled connection or a new one, and sends it again
 /// when [`retry::decide`] says so. Every failed attempt leaves its flag in the log entry.
@@ -30,7 +28,7 @@ pub(super) async fn exchange(
     client: Client,
     entry: &mut Entry,
     retries: &mut Vec<Cause>,
-) -> Result<(Response<Incoming>, Lease, Instant), (Failure, Decision)> {
+) -> Result<(Response<()>, Lease, Instant), (Failure, Decision)> {
     let replay = body.replay();
     let idempotent = retry::is_idempotent(&head.method, &head.headers);
     let mut facts = Facts {
@@ -63,11 +61,10 @@ pub(super) async fn exchange(
         // The body this attempt sends: what the last attempt handed back unsent, or a replay
         // of a held body. Whatever this attempt does with it, it is not "returned" any more.
         facts.returned = false;
-        let req = head.request(
-            body.take()
-                .or_else(|| replay.as_ref().and_then(RequestBody::replay)),
-        );
-        let body_done = req.body().finished();
+        let req = body
+            .take()
+            .or_else(|| replay.as_ref().and_then(RequestBody::replay))
+            .unwrap_or_else(RequestBody::empty);
         // The slot's address for this try: if DNS moves the slot meanwhile, what this try
         // finds is about this address, not the new one.
         let addr = group.server_addr(server);
@@ -99,14 +96,13 @@ pub(super) async fn exchange(
                 entry.upstream_connection_idle_ms = Some(lease.idle_for.as_millis() as u64);
                 entry.upstream_connection_requests = Some(lease.meta.requests + 1);
                 lease.meta.requests += 1;
-                lease.request_body_done = body_done.clone();
                 let reused = lease.reused;
                 let timeouts = Timeouts {
                     read: group.read_timeout,
                     send: group.send_timeout,
                     per_try: policy.per_try_timeout,
                 };
-                let outcome = send(lease.conn_mut(), req, timeouts, reused).await;
+                let outcome = send(lease.conn_mut(), head, req, timeouts, reused).await;
                 match outcome {
                     Ok(resp) => {
                         let (latency, now) = (attempt_start.elapsed(), Instant::now());
@@ -147,7 +143,7 @@ pub(super) async fn exchange(
         }
         facts.returned = returned.is_some();
         if let Some(req) = returned {
-            body = Some(req.into_body());
+            body = Some(req);
         }
         // Next upstream: a request no server has seen goes to another server at once, for
         // every method, until each server was tried.
@@ -211,17 +207,6 @@ pub(super) struct Head {
     pub(super) headers: HeaderMap,
 }
 
-impl Head {
-    fn request(&self, body: Option<RequestBody>) -> Request<RequestBody> {
-        let mut req = Request::new(body.unwrap_or_else(RequestBody::empty));
-        *req.method_mut() = self.method.clone();
-        *req.uri_mut() = self.uri.clone();
-        *req.version_mut() = Version::HTTP_11;
-        *req.headers_mut() = self.headers.clone();
-        req
-    }
-}
-
 /// Waits before a policy retry: full jitter below `base * 2^(n-1)`, capped at `max`, so
 /// clients that failed together do not come back together.
 async fn backoff(policy: &RetryPolicy, attempt: u32) {
@@ -233,64 +218,66 @@ async fn backoff(policy: &RetryPolicy, attempt: u32) {
     tokio::time::sleep(wait).await;
 }
 
-type Returned = Option<Request<RequestBody>>;
+type Returned = Option<RequestBody>;
 
-/// Sends `req` on `conn`. While a streamed request body is still going out, the upstream must
-/// take some of it every `send_timeout` (nginx's `proxy_send_timeout`); after that it must send
-/// something every `read_timeout`; the whole attempt ends at `per_try` if set.
+/// Sends the request on `conn`. While a streamed request body is still going out, the upstream
+/// must take some of it every `send_timeout` (nginx's `proxy_send_timeout`); after that it must
+/// send something every `read_timeout`; the whole attempt ends at `per_try` if set.
 async fn send(
     conn: &mut UpstreamConn,
-    req: Request<RequestBody>,
+    head: &Head,
+    body: RequestBody,
     timeouts: Timeouts,
     reused: bool,
-) -> Result<Response<Incoming>, (Failure, Returned)> {
+) -> Result<Response<()>, (Failure, Returned)> {
     let Timeouts {
         read,
         send: send_timeout,
         per_try,
     } = timeouts;
     let sent_at = Instant::now();
-    let ready = tokio::time::timeout(read, conn.ready()).await;
-    if !matches!(ready, Ok(Ok(()))) {
-        return Err((Failure::NotSent { reused }, Some(req)));
+    if conn.is_closed() {
+        return Err((Failure::NotSent { reused }, Some(body)));
     }
     let mark = conn.mark();
-    let streaming = req.body().finished();
-    let sending = || {
-        streaming
-            .as_ref()
-            .is_some_and(|f| !f.load(Ordering::Acquire))
-    };
+    conn.start(&head.method, &head.uri, &head.headers, body);
     let try_deadline = per_try.map(|t| sent_at + t);
-    let mut fut = pin!(conn.send(req));
     loop {
-        let quiet = if sending() { send_timeout } else { read };
+        let quiet = if conn.is_sending() {
+            send_timeout
+        } else {
+            read
+        };
         let idle_deadline = conn.last_progress().max(sent_at) + quiet;
         let deadline = try_deadline.map_or(idle_deadline, |t| t.min(idle_deadline));
-        tokio::select! {
-            res = &mut fut => {
-                return match res {
-                    Ok(resp) => Ok(resp),
-                    Err(mut err) => {
-                        let returned = err.take_message();
-                        let failure = if returned.is_some() {
-                            Failure::NotSent { reused }
-                        } else {
-                            upstream::classify(err.error(), conn, mark, reused)
-                        };
-                        Err((failure, returned))
-                    }
+        let polled = tokio::select! {
+            biased;
+            res = poll_fn(|cx| conn.poll_response(cx)) => Some(res),
+            _ = tokio::time::sleep_until(deadline.into()) => None,
+        };
+        match polled {
+            Some(Ok(resp)) => return Ok(resp),
+            Some(Err(err)) => {
+                let failure = conn.failure(err, mark, reused);
+                let returned = match failure {
+                    Failure::NotSent { .. } => conn.take_unsent_body(mark),
+                    _ => None,
                 };
+                return Err((failure, returned));
             }
-            _ = tokio::time::sleep_until(deadline.into()) => {
+            None => {
                 let now = Instant::now();
                 if let Some(t) = try_deadline.filter(|t| *t <= now) {
                     return Err((Failure::ReadTimeout(t - sent_at), None));
                 }
-                let quiet = if sending() { send_timeout } else { read };
+                let sending = conn.is_sending();
+                let quiet = if sending { send_timeout } else { read };
                 if conn.last_progress().max(sent_at) + quiet <= now {
-                    let failure =
-                        if sending() { Failure::SendTimeout(send_timeout) } else { Failure::ReadTimeout(read) };
+                    let failure = if sending {
+                        Failure::SendTimeout(send_timeout)
+                    } else {
+                        Failure::ReadTimeout(read)
+                    };
                     return Err((failure, None));
                 }
             }

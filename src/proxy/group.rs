@@ -2,8 +2,9 @@
 //! connections to requests, and its retry budget.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::{Wake, Waker};
 
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
@@ -34,7 +35,7 @@ pub struct Group {
     /// `keepalive > 0`, read on every request, so kept outside the pool's lock.
     reuse: bool,
     pub servers: Servers,
-    pool: Mutex<Pool<UpstreamConn>>,
+    pool: Mutex<Pool<Conn>>,
     pub read_timeout: Duration,
     pub send_timeout: Duration,
     connect_timeout: Duration,
@@ -53,14 +54,35 @@ pub struct Group {
     reaper_wake_ns: AtomicU64,
     /// Its own allocation, so the sleeping reaper holds it without holding the group.
     reaper: Arc<Notify>,
+    /// Wakes the reaper: given to every idle connection's socket, so that an upstream's
+    /// close of an idle connection is seen, and learned from, when it happens.
+    idle_waker: Waker,
     epoch: Instant,
 }
 
-type Closed = Vec<(UpstreamConn, ConnMeta, Reason)>;
+/// Wakes the reaper when an idle connection's socket turns readable.
+struct WakeReaper(Arc<Notify>);
+
+impl Wake for WakeReaper {
+    fn wake(self: Arc<Self>) {
+        self.0.notify_one();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.notify_one();
+    }
+}
+
+/// Boxed: a connection moves in and out of the pool and the response body on every
+/// request, and its state is a few hundred bytes.
+type Conn = Box<UpstreamConn>;
+
+type Closed = Vec<(Conn, ConnMeta, Reason)>;
 
 impl Group {
     pub fn new(cfg: &UpstreamGroupConfig, metrics: &Metrics) -> Group {
         let servers = Servers::new(cfg);
+        let reaper = Arc::new(Notify::new());
         let names: Vec<String> = (0..servers.len())
             .map(|i| servers.addr(i).to_string())
             .collect();
@@ -95,7 +117,8 @@ impl Group {
             retries_in_flight: AtomicU64::new(0),
             metrics: metrics.group(&cfg.name, &names),
             reaper_wake_ns: AtomicU64::new(0),
-            reaper: Arc::new(Notify::new()),
+            reaper: reaper.clone(),
+            idle_waker: Waker::from(Arc::new(WakeReaper(reaper))),
             epoch: Instant::now(),
         }
     }
@@ -171,7 +194,7 @@ impl Group {
         changed
     }
 
-    fn lock(&self) -> MutexGuard<'_, Pool<UpstreamConn>> {
+    fn lock(&self) -> MutexGuard<'_, Pool<Conn>> {
         // Every pool method finishes its own bookkeeping before it calls out, so a panic in a
         // callback leaves the pool consistent and a poisoned lock still usable.
         self.pool
@@ -180,7 +203,7 @@ impl Group {
     }
 
     /// Runs `f` on the pool, then closes, counts and logs what it let go, outside the lock.
-    fn with_pool<T>(&self, f: impl FnOnce(&mut Pool<UpstreamConn>, &mut Closed) -> T) -> T {
+    fn with_pool<T>(&self, f: impl FnOnce(&mut Pool<Conn>, &mut Closed) -> T) -> T {
         let mut closed = Closed::new();
         let (out, events) = {
             let mut pool = self.lock();
@@ -259,9 +282,9 @@ impl Group {
         tracing::debug!(upstream = %self.servers.addr(meta.server), conn = meta.id, reason = reason.as_str(), "closing upstream connection");
     }
 
-    /// Whether a pooled connection is still open: hyper's view always, and with the
-    /// `check_before_reuse` guard a non-blocking look at the socket itself, which sees a FIN
-    /// or RST the moment the kernel has it, before hyper's task has run.
+    /// Whether a pooled connection is still open: what its own reads saw always, and with
+    /// the `check_before_reuse` guard a non-blocking look at the socket itself, which sees a
+    /// FIN or RST the moment the kernel has it, before the reaper it wakes has run.
     fn liveness(&self, conn: &UpstreamConn, server: usize, now: Instant, peek: bool) -> Liveness {
         let metrics = &self.metrics.server(server);
         if conn.is_closed() {
@@ -326,6 +349,7 @@ impl Group {
         let metrics = &self.metrics.server(server);
         match UpstreamConn::connect(addr, self.connect_timeout).await {
             Ok(conn) => {
+                let conn = Box::new(conn);
                 metrics.opened.inc();
                 let meta = ConnMeta {
                     worker: crate::worker::current(),
@@ -346,7 +370,7 @@ impl Group {
 
     fn lease(
         self: &Arc<Self>,
-        conn: UpstreamConn,
+        conn: Conn,
         meta: ConnMeta,
         reused: bool,
         idle_for: Duration,
@@ -360,7 +384,6 @@ impl Group {
             idle_for,
             failed: false,
             group: self.clone(),
-            request_body_done: None,
         }
     }
 
@@ -484,16 +507,14 @@ pub async fn reap(group: Weak<Group>) {
             group.with_pool(|pool, closed| {
                 pool.expire(
                     now,
-                    |c| {
-                        if c.is_closed() {
-                            let closed_at = c.closed_at();
-                            Liveness::Closed {
-                                at: closed_at.unwrap_or(now),
-                                exact: closed_at.is_some(),
-                            }
-                        } else {
-                            Liveness::Alive
-                        }
+                    // Woken by an idle socket turning readable, the reaper finds the close
+                    // as it happens: the moment is exact.
+                    |c| match c.watch_idle(&group.idle_waker) {
+                        Peek::Clean => Liveness::Alive,
+                        Peek::Closed(_) | Peek::StrayBytes => Liveness::Closed {
+                            at: now,
+                            exact: true,
+                        },
                     },
                     |c, m, r| closed.push((c, m, r)),
                 );
@@ -528,14 +549,12 @@ pub async fn reap(group: Weak<Group>) {
 /// A connection lent to one request. It goes back to the pool only through [`Lease::release`];
 /// dropped any other way, it is closed.
 pub struct Lease {
-    conn: Option<UpstreamConn>,
+    conn: Option<Conn>,
     pub meta: ConnMeta,
     pub reused: bool,
     pub idle_for: Duration,
     failed: bool,
     group: Arc<Group>,
-    /// Set for a streamed request body once it has been sent whole.
-    pub request_body_done: Option<Arc<AtomicBool>>,
 }
 
 impl Lease {
@@ -556,15 +575,17 @@ impl Lease {
     pub fn release(mut self, response_complete: bool, upstream_keep_alive: bool, now: Instant) {
         let Some(conn) = self.conn.take() else { return };
         // A streamed request body still going out (the upstream answered early) would hold
-        // the next request behind it; a connection hyper already saw close (a response
-        // delimited by the close) cannot carry another.
-        let body_sent = self
-            .request_body_done
-            .as_ref()
-            .is_none_or(|done| done.load(Ordering::Acquire));
+        // the next request behind it; a connection that saw the upstream close, or bytes
+        // past the response, cannot carry another. The idle watch is set only on a
+        // connection that may be kept, as it may cost a look at the socket.
+        let response_complete = response_complete && !self.failed && !conn.is_sending();
+        let upstream_keep_alive = upstream_keep_alive
+            && response_complete
+            && conn.is_reusable()
+            && conn.watch_idle(&self.group.idle_waker) == Peek::Clean;
         let mut returning = Returning {
-            response_complete: response_complete && !self.failed && body_sent,
-            upstream_keep_alive: upstream_keep_alive && !conn.is_closed(),
+            response_complete,
+            upstream_keep_alive,
             server_removed: false,
         };
         let meta = self.meta;

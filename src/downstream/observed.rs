@@ -1,5 +1,5 @@
-//! A `TcpStream` that tells an [`Observer`] what passes through it, so both sides can time
-//! and count their sockets without writing the stream delegation twice.
+//! The client's `TcpStream`, telling an [`Observer`] what passes through it, so that the
+//! client side's timeouts, framing check and park see every read and write hyper makes.
 
 use std::io;
 use std::pin::Pin;
@@ -11,7 +11,7 @@ use tokio::net::TcpStream;
 
 /// Told of every read and write attempt, right after it; runs inside the poll, so it must
 /// stay cheap.
-pub trait Observer {
+pub(super) trait Observer {
     /// A read finished: `added` holds its bytes. `closed` is set when it saw the peer's FIN
     /// (a zero-byte read into room) or an error.
     fn read(&mut self, added: &[u8], closed: bool);
@@ -31,16 +31,16 @@ pub trait Observer {
 }
 
 /// The stream hyper drives, with its observer.
-pub struct Observed<O> {
+pub(super) struct Observed<O> {
     stream: TcpStream,
-    pub observer: O,
+    pub(super) observer: O,
     /// Bytes read before, handed out again ahead of the socket's and not observed twice:
     /// what a reader that gave the stream back had read but not used.
     unread: Bytes,
 }
 
 impl<O: Observer> Observed<O> {
-    pub fn new(stream: TcpStream, observer: O) -> Observed<O> {
+    pub(super) fn new(stream: TcpStream, observer: O) -> Observed<O> {
         Observed {
             stream,
             observer,
@@ -48,19 +48,19 @@ impl<O: Observer> Observed<O> {
         }
     }
 
-    pub fn stream(&self) -> &TcpStream {
+    pub(super) fn stream(&self) -> &TcpStream {
         &self.stream
     }
 
     /// Gives `bytes` to the next reads, before anything the socket has. The observer is told
     /// of them now, as bytes arriving for the next reader: a request head begun before a park
     /// gets the header timeout and the framing check like any other.
-    pub fn unread(&mut self, bytes: Bytes) {
+    pub(super) fn unread(&mut self, bytes: Bytes) {
         self.observer.read(&bytes, false);
         self.unread = bytes;
     }
 
-    pub fn has_unread(&self) -> bool {
+    pub(super) fn has_unread(&self) -> bool {
         !self.unread.is_empty()
     }
 }

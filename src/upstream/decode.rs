@@ -1,0 +1,293 @@
+//! An upstream's response as it comes off the wire: the head, how its body is delimited
+//! (RFC 9112 §6.3), and the chunked coding. Bytes in, parts out; the connection reads.
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Response, StatusCode, Version};
+
+/// Most header lines a response head may carry: hyper's default limit, which kaguard's
+/// upstreams met before it read responses itself. More is refused, never truncated.
+const MAX_HEADERS: usize = 100;
+
+/// Largest response head kept waiting for its end. nginx refuses heads past its 4 or 8 KiB
+/// `proxy_buffer_size` ("upstream sent too big header"); 64 KiB lets through the large
+/// cookie sets real applications send while bounding what a broken upstream makes us hold.
+const MAX_HEAD: usize = 64 * 1024;
+
+/// Longest chunk-size line (size and extensions) kept waiting for its end.
+const MAX_CHUNK_LINE: usize = 4 * 1024;
+
+/// Most trailer lines after a chunked body; trailers are rare and small.
+const MAX_TRAILERS: usize = 32;
+
+/// The upstream sent bytes that are not HTTP/1.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Invalid;
+
+/// How a response body ends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum Framing {
+    /// After this many bytes; zero for a response that has no body.
+    Length(u64),
+    Chunked(Chunked),
+    /// When the upstream closes the connection.
+    UntilClose,
+}
+
+/// A final response head, with what it says about its body and its connection.
+#[derive(Debug)]
+pub(super) struct Head {
+    pub(super) response: Response<()>,
+    pub(super) framing: Framing,
+    /// The connection cannot carry another exchange after this one, whatever the headers
+    /// say about keep-alive: the body ends with the close, or its framing was ambiguous.
+    pub(super) last: bool,
+}
+
+/// Parses a response head off the front of `buf`, skipping interim (1xx) responses. `None`
+/// until a whole head is there. The head's bytes leave `buf`; its body's bytes stay.
+///
+/// `spans` is room for the parser's findings, kept by the caller so that it is allocated
+/// once per connection, not once per response.
+pub(super) fn head(
+    buf: &mut BytesMut,
+    head_request: bool,
+    spans: &mut Vec<Spans>,
+) -> Result<Option<Head>, Invalid> {
+    loop {
+        let Some((len, code, version)) = parse(buf, spans)? else {
+            return Ok(None);
+        };
+        // 1xx other than 101 are interim: the final response follows on the same bytes.
+        if (100..200).contains(&code) && code != 101 {
+            buf.advance(len);
+            continue;
+        }
+        let bytes = buf.split_to(len).freeze();
+        let mut headers = HeaderMap::with_capacity(spans.len());
+        for &(name, value) in spans.iter() {
+            let name = HeaderName::from_bytes(&bytes[name.0..name.1]).map_err(|_| Invalid)?;
+            let value = HeaderValue::from_maybe_shared(bytes.slice(value.0..value.1))
+                .map_err(|_| Invalid)?;
+            headers.append(name, value);
+        }
+        let status = StatusCode::from_u16(code).map_err(|_| Invalid)?;
+        let (framing, last) = framing(code, &headers, head_request)?;
+        let mut response = Response::new(());
+        *response.status_mut() = status;
+        *response.version_mut() = version;
+        *response.headers_mut() = headers;
+        return Ok(Some(Head {
+            response,
+            framing,
+            last,
+        }));
+    }
+}
+
+/// Where a header's name and value lie in the buffer.
+pub(super) type Spans = ((usize, usize), (usize, usize));
+
+/// Header slots tried first: a response rarely carries more, and filling the slots is a
+/// cost of every parse.
+const FEW_HEADERS: usize = 24;
+
+/// Where each part of a complete head lies in `buf`: the head's length, the status code,
+/// the version, and in `spans` each header's name and value. Positions, not slices, so that
+/// the head can be split off and its values shared with the header map without a copy.
+fn parse(buf: &BytesMut, spans: &mut Vec<Spans>) -> Result<Option<(usize, u16, Version)>, Invalid> {
+    let mut few = [httparse::EMPTY_HEADER; FEW_HEADERS];
+    match parse_with(buf, &mut few, spans) {
+        Err(httparse::Error::TooManyHeaders) => {
+            let mut all = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            parse_with(buf, &mut all, spans)
+        }
+        parsed => parsed,
+    }
+    .map_err(|_| Invalid)?
+    .map_or(Ok(None), |(len, code, version)| {
+        Ok(Some((len, code.ok_or(Invalid)?, version.ok_or(Invalid)?)))
+    })
+}
+
+#[allow(clippy::type_complexity)]
+fn parse_with<'b>(
+    buf: &'b BytesMut,
+    slots: &mut [httparse::Header<'b>],
+    spans: &mut Vec<Spans>,
+) -> Result<Option<(usize, Option<u16>, Option<Version>)>, httparse::Error> {
+    let mut resp = httparse::Response::new(slots);
+    let len = match resp.parse(buf)? {
+        httparse::Status::Complete(len) => len,
+        httparse::Status::Partial if buf.len() > MAX_HEAD => {
+            return Err(httparse::Error::TooManyHeaders);
+        }
+        httparse::Status::Partial => return Ok(None),
+    };
+    let version = match resp.version {
+        Some(1) => Some(Version::HTTP_11),
+        Some(0) => Some(Version::HTTP_10),
+        _ => None,
+    };
+    let base = buf.as_ptr() as usize;
+    let at = |s: &[u8]| {
+        let start = s.as_ptr() as usize - base;
+        (start, start + s.len())
+    };
+    spans.clear();
+    spans.extend(
+        resp.headers
+            .iter()
+            .map(|h| (at(h.name.as_bytes()), at(h.value))),
+    );
+    Ok(Some((len, resp.code, version)))
+}
+
+/// RFC 9112 §6.3, in its order.
+fn framing(code: u16, headers: &HeaderMap, head_request: bool) -> Result<(Framing, bool), Invalid> {
+    if head_request || code == 204 || code == 304 || (100..200).contains(&code) {
+        // A 101 hands the connection to another protocol; kaguard relays none.
+        return Ok((Framing::Length(0), code == 101));
+    }
+    let length = content_length(headers)?;
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        // Transfer-Encoding overrides Content-Length; a message carrying both may be an
+        // attempt at smuggling, so its connection carries nothing more.
+        let last = length.is_some();
+        return Ok(if final_coding_is_chunked(headers) {
+            (Framing::Chunked(Chunked::Size), last)
+        } else {
+            (Framing::UntilClose, true)
+        });
+    }
+    Ok(match length {
+        Some(n) => (Framing::Length(n), false),
+        None => (Framing::UntilClose, true),
+    })
+}
+
+/// Every Content-Length value, lines and comma-separated lists alike, must be the same
+/// number; a response that disagrees with itself is refused.
+fn content_length(headers: &HeaderMap) -> Result<Option<u64>, Invalid> {
+    let mut found = None;
+    for value in headers.get_all(header::CONTENT_LENGTH) {
+        let text = value.to_str().map_err(|_| Invalid)?;
+        for part in text.split(',') {
+            let part = part.trim();
+            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(Invalid);
+            }
+            let n: u64 = part.parse().map_err(|_| Invalid)?;
+            if found.is_some_and(|f| f != n) {
+                return Err(Invalid);
+            }
+            found = Some(n);
+        }
+    }
+    Ok(found)
+}
+
+fn final_coding_is_chunked(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .next_back()
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.rsplit(',').next())
+        .is_some_and(|coding| coding.trim().eq_ignore_ascii_case("chunked"))
+}
+
+/// Where a chunked body's reader stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum Chunked {
+    Size,
+    Data(u64),
+    /// The CRLF after a chunk's data.
+    DataEnd,
+    Trailers,
+    Done,
+}
+
+/// What one step of the chunked reader found.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Step {
+    Data(Bytes),
+    Trailers(HeaderMap),
+    NeedMore,
+    End,
+}
+
+impl Chunked {
+    /// Reads the next piece of the body off the front of `buf`.
+    pub(super) fn step(&mut self, buf: &mut BytesMut) -> Result<Step, Invalid> {
+        loop {
+            match *self {
+                Chunked::Size => match httparse::parse_chunk_size(buf) {
+                    Ok(httparse::Status::Complete((len, size))) => {
+                        buf.advance(len);
+                        *self = if size == 0 {
+                            Chunked::Trailers
+                        } else {
+                            Chunked::Data(size)
+                        };
+                    }
+                    Ok(httparse::Status::Partial) if buf.len() > MAX_CHUNK_LINE => {
+                        return Err(Invalid);
+                    }
+                    Ok(httparse::Status::Partial) => return Ok(Step::NeedMore),
+                    Err(_) => return Err(Invalid),
+                },
+                Chunked::Data(left) => {
+                    if buf.is_empty() {
+                        return Ok(Step::NeedMore);
+                    }
+                    let n = left.min(buf.len() as u64);
+                    *self = if n == left {
+                        Chunked::DataEnd
+                    } else {
+                        Chunked::Data(left - n)
+                    };
+                    return Ok(Step::Data(buf.split_to(n as usize).freeze()));
+                }
+                Chunked::DataEnd => {
+                    if buf.len() < 2 {
+                        return Ok(Step::NeedMore);
+                    }
+                    if &buf[..2] != b"\r\n" {
+                        return Err(Invalid);
+                    }
+                    buf.advance(2);
+                    *self = Chunked::Size;
+                }
+                Chunked::Trailers => return self.trailers(buf),
+                Chunked::Done => return Ok(Step::End),
+            }
+        }
+    }
+
+    fn trailers(&mut self, buf: &mut BytesMut) -> Result<Step, Invalid> {
+        let mut slots = [httparse::EMPTY_HEADER; MAX_TRAILERS];
+        let (len, lines) = match httparse::parse_headers(buf, &mut slots) {
+            Ok(httparse::Status::Complete(done)) => done,
+            Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => return Err(Invalid),
+            Ok(httparse::Status::Partial) => return Ok(Step::NeedMore),
+            Err(_) => return Err(Invalid),
+        };
+        let mut trailers = HeaderMap::with_capacity(lines.len());
+        for line in lines.iter() {
+            let name = HeaderName::from_bytes(line.name.as_bytes()).map_err(|_| Invalid)?;
+            let value = HeaderValue::from_bytes(line.value).map_err(|_| Invalid)?;
+            trailers.append(name, value);
+        }
+        buf.advance(len);
+        *self = Chunked::Done;
+        Ok(if trailers.is_empty() {
+            Step::End
+        } else {
+            Step::Trailers(trailers)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

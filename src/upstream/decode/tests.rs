@@ -1,0 +1,181 @@
+use super::*;
+use proptest::prelude::*;
+
+fn parsed(bytes: &[u8], head_request: bool) -> (Result<Option<Head>, Invalid>, BytesMut) {
+    let mut buf = BytesMut::from(bytes);
+    let head = head(&mut buf, head_request, &mut Vec::new());
+    (head, buf)
+}
+
+fn whole(bytes: &[u8]) -> (Head, BytesMut) {
+    let (head, rest) = parsed(bytes, false);
+    (head.expect("valid").expect("complete"), rest)
+}
+
+#[test]
+fn a_head_leaves_its_body_in_the_buffer() {
+    let (head, rest) = whole(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-A: 1\r\nX-A: 2\r\n\r\nok");
+    assert_eq!(head.response.status(), 200);
+    assert_eq!(head.response.version(), Version::HTTP_11);
+    let values: Vec<_> = head.response.headers().get_all("x-a").iter().collect();
+    assert_eq!(values, ["1", "2"]);
+    assert_eq!(head.framing, Framing::Length(2));
+    assert!(!head.last);
+    assert_eq!(&rest[..], b"ok");
+}
+
+#[test]
+fn interim_responses_are_skipped() {
+    let (head, rest) = whole(
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n\
+          HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n",
+    );
+    assert_eq!(head.response.status(), 201);
+    assert!(head.response.headers().get("link").is_none());
+    assert!(rest.is_empty());
+}
+
+#[test]
+fn a_partial_head_waits_and_an_endless_one_is_refused() {
+    assert!(matches!(
+        parsed(b"HTTP/1.1 200 OK\r\nContent-Le", false).0,
+        Ok(None)
+    ));
+    let mut endless = b"HTTP/1.1 200 OK\r\nX-Big: ".to_vec();
+    endless.resize(MAX_HEAD + 1, b'a');
+    assert_eq!(parsed(&endless, false).0.err(), Some(Invalid));
+    assert_eq!(
+        parsed(b"HTTP/1.1 2x0 OK\r\n\r\n", false).0.err(),
+        Some(Invalid)
+    );
+    assert_eq!(
+        parsed(b"SSH-2.0-OpenSSH\r\n\r\n", false).0.err(),
+        Some(Invalid)
+    );
+}
+
+#[test]
+fn many_header_lines_parse_up_to_the_limit() {
+    let head_with = |n: usize| {
+        let mut text = b"HTTP/1.1 200 OK\r\n".to_vec();
+        for i in 0..n {
+            text.extend_from_slice(format!("X-{i}: {i}\r\n").as_bytes());
+        }
+        text.extend_from_slice(b"Content-Length: 0\r\n\r\n");
+        text
+    };
+    let (head, _) = whole(&head_with(FEW_HEADERS * 2));
+    assert_eq!(head.response.headers().len(), FEW_HEADERS * 2 + 1);
+    assert_eq!(
+        parsed(&head_with(MAX_HEADERS), false).0.err(),
+        Some(Invalid)
+    );
+}
+
+#[test]
+fn framing_follows_rfc_9112() {
+    let framing_of = |text: &[u8], head_request: bool| {
+        let (head, _) = parsed(text, head_request);
+        head.map(|h| h.map(|h| (h.framing, h.last)))
+    };
+    let length = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n";
+    assert_eq!(
+        framing_of(length, true),
+        Ok(Some((Framing::Length(0), false)))
+    );
+    for code in [204, 304] {
+        let text = format!("HTTP/1.1 {code} X\r\nContent-Length: 5\r\n\r\n");
+        assert_eq!(
+            framing_of(text.as_bytes(), false),
+            Ok(Some((Framing::Length(0), false)))
+        );
+    }
+    let chunked = Framing::Chunked(Chunked::Size);
+    let both = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n";
+    assert_eq!(framing_of(both, false), Ok(Some((chunked.clone(), true))));
+    let te = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n";
+    assert_eq!(framing_of(te, false), Ok(Some((chunked, false))));
+    let gzip = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n";
+    assert_eq!(
+        framing_of(gzip, false),
+        Ok(Some((Framing::UntilClose, true)))
+    );
+    let none = b"HTTP/1.0 200 OK\r\n\r\n";
+    assert_eq!(
+        framing_of(none, false),
+        Ok(Some((Framing::UntilClose, true)))
+    );
+    let same = b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\nContent-Length: 5\r\n\r\n";
+    assert_eq!(
+        framing_of(same, false),
+        Ok(Some((Framing::Length(5), false)))
+    );
+    let differ = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n";
+    assert_eq!(framing_of(differ, false), Err(Invalid));
+    let signed = b"HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\n";
+    assert_eq!(framing_of(signed, false), Err(Invalid));
+    let switching = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n";
+    assert_eq!(
+        framing_of(switching, false),
+        Ok(Some((Framing::Length(0), true)))
+    );
+}
+
+/// Runs the chunked reader over `wire` handed over `piece` bytes at a time.
+fn dechunk(wire: &[u8], piece: usize) -> Result<(Vec<u8>, Option<HeaderMap>, BytesMut), Invalid> {
+    let mut chunked = Chunked::Size;
+    let mut buf = BytesMut::new();
+    let mut fed = 0;
+    let (mut data, mut trailers) = (Vec::new(), None);
+    for _ in 0..wire.len() * 2 + 4 {
+        match chunked.step(&mut buf)? {
+            Step::Data(bytes) => data.extend_from_slice(&bytes),
+            Step::Trailers(t) => trailers = Some(t),
+            Step::End => return Ok((data, trailers, buf)),
+            Step::NeedMore if fed == wire.len() => return Err(Invalid),
+            Step::NeedMore => {
+                let next = (fed + piece).min(wire.len());
+                buf.extend_from_slice(&wire[fed..next]);
+                fed = next;
+            }
+        }
+    }
+    panic!("the chunked reader did not finish");
+}
+
+#[test]
+fn chunked_bodies_end_at_the_last_chunk_and_keep_their_trailers() {
+    let wire = b"5;ext=1\r\nhello\r\n1\r\n!\r\n0\r\nX-Sum: 6\r\n\r\nNEXT";
+    let (data, trailers, rest) = dechunk(wire, 3).expect("valid");
+    assert_eq!(data, b"hello!");
+    assert_eq!(trailers.expect("trailers")["x-sum"], "6");
+    assert!(
+        b"NEXT".starts_with(&rest),
+        "only the bytes after the body stay"
+    );
+    let (_, _, rest) = dechunk(wire, wire.len()).expect("valid");
+    assert_eq!(&rest[..], b"NEXT");
+    assert_eq!(dechunk(b"zz\r\n", 4).err(), Some(Invalid));
+    assert_eq!(dechunk(b"2\r\nabXY0\r\n\r\n", 4).err(), Some(Invalid));
+}
+
+proptest! {
+    #[test]
+    fn chunked_reader_returns_what_was_chunked(
+        chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 1..50), 0..8),
+        piece in 1usize..40,
+        trailer in any::<bool>(),
+    ) {
+        let mut wire = Vec::new();
+        for chunk in &chunks {
+            wire.extend_from_slice(format!("{:X}\r\n", chunk.len()).as_bytes());
+            wire.extend_from_slice(chunk);
+            wire.extend_from_slice(b"\r\n");
+        }
+        wire.extend_from_slice(if trailer { b"0\r\nX-T: 1\r\n\r\n" } else { b"0\r\n\r\n" });
+        let (data, trailers, rest) = dechunk(&wire, piece).expect("valid");
+        prop_assert_eq!(data, chunks.concat());
+        prop_assert_eq!(trailers.is_some(), trailer);
+        prop_assert!(rest.is_empty());
+    }
+}

@@ -1,0 +1,170 @@
+//! A request as it goes onto the wire: the head, and the body in the framing the head
+//! announces.
+
+use std::collections::VecDeque;
+use std::fmt::Write as _;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use http::header::{self, HeaderMap};
+use http::{Method, Uri};
+use hyper::body::Body;
+
+use crate::proxy::body::{BodyError, RequestBody};
+
+/// A held body up to this size is copied behind the head, so that the request leaves in
+/// one write of one buffer; a larger one goes out as its own buffer, uncopied.
+const INLINE_BODY: usize = 4 * 1024;
+
+/// What is left to send of a streamed request body, and in which framing.
+pub(super) struct Sending {
+    body: RequestBody,
+    chunked: bool,
+}
+
+/// Queues in `out` the head of a request and, when the body is held whole, the body. A
+/// streamed body is returned with the framing its head announced, to be sent frame by frame.
+///
+/// The framing follows the client's where it can: its Content-Length is kept; a held body
+/// the client sent chunked goes out with a Content-Length (trailers keep it chunked); a
+/// streamed body without a Content-Length goes out chunked.
+pub(super) fn request(
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    mut body: RequestBody,
+    out: &mut VecDeque<Bytes>,
+) -> Option<Sending> {
+    let length = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let streamed = body.is_streamed();
+    let (data, trailers) = if streamed {
+        (None, None)
+    } else {
+        body.take_held()
+    };
+    let data_len = data.as_ref().map_or(0, Bytes::len);
+    let chunked = if streamed {
+        length.is_none()
+    } else {
+        trailers.is_some()
+    };
+
+    let path = uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let lines: usize = headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    let inline = data.as_ref().filter(|d| !chunked && d.len() <= INLINE_BODY);
+    let size = method.as_str().len() + path.len() + lines + 64 + inline.map_or(0, Bytes::len);
+    let mut head = BytesMut::with_capacity(size);
+    head.put_slice(method.as_str().as_bytes());
+    head.put_u8(b' ');
+    head.put_slice(path.as_bytes());
+    head.put_slice(b" HTTP/1.1\r\n");
+    for (name, value) in headers {
+        if chunked && name == header::CONTENT_LENGTH {
+            continue;
+        }
+        head.put_slice(name.as_str().as_bytes());
+        head.put_slice(b": ");
+        head.put_slice(value.as_bytes());
+        head.put_slice(b"\r\n");
+    }
+    if chunked {
+        head.put_slice(b"transfer-encoding: chunked\r\n");
+    } else if length.is_none() && data_len > 0 {
+        let _ = write!(head, "content-length: {data_len}\r\n");
+    }
+    head.put_slice(b"\r\n");
+
+    if streamed {
+        out.push_back(head.freeze());
+        return Some(Sending { body, chunked });
+    }
+    match data {
+        Some(data) if chunked => {
+            let _ = write!(head, "{:x}\r\n", data.len());
+            out.push_back(head.freeze());
+            out.push_back(data);
+            out.push_back(Bytes::from_static(b"\r\n"));
+        }
+        Some(data) if inline.is_some() => {
+            head.put_slice(&data);
+            out.push_back(head.freeze());
+        }
+        Some(data) => {
+            out.push_back(head.freeze());
+            out.push_back(data);
+        }
+        None => out.push_back(head.freeze()),
+    }
+    if chunked {
+        out.push_back(end_chunks(trailers.as_deref()));
+    }
+    None
+}
+
+/// The last chunk and the trailer section.
+fn end_chunks(trailers: Option<&HeaderMap>) -> Bytes {
+    let Some(trailers) = trailers else {
+        return Bytes::from_static(b"0\r\n\r\n");
+    };
+    let mut end = BytesMut::with_capacity(64);
+    end.put_slice(b"0\r\n");
+    for (name, value) in trailers {
+        end.put_slice(name.as_str().as_bytes());
+        end.put_slice(b": ");
+        end.put_slice(value.as_bytes());
+        end.put_slice(b"\r\n");
+    }
+    end.put_slice(b"\r\n");
+    end.freeze()
+}
+
+impl Sending {
+    /// Hands the body back unsent; only right after [`request`], before any poll.
+    pub(super) fn into_body(self) -> RequestBody {
+        self.body
+    }
+
+    /// Queues the body's next frame in `out`. `Ready(Ok(true))` once the body has ended and
+    /// its end is queued.
+    pub(super) fn poll_next(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut VecDeque<Bytes>,
+    ) -> Poll<Result<bool, BodyError>> {
+        let Some(frame) = ready!(Pin::new(&mut self.body).poll_frame(cx)) else {
+            if self.chunked {
+                out.push_back(end_chunks(None));
+            }
+            return Poll::Ready(Ok(true));
+        };
+        let data = match frame?.into_data() {
+            Ok(data) => data,
+            Err(frame) => {
+                // Trailers end the body; only the chunked coding can carry them.
+                if self.chunked {
+                    out.push_back(end_chunks(frame.trailers_ref()));
+                }
+                return Poll::Ready(Ok(true));
+            }
+        };
+        if data.is_empty() {
+            return Poll::Ready(Ok(false));
+        }
+        if self.chunked {
+            let mut size = BytesMut::with_capacity(18);
+            let _ = write!(size, "{:x}\r\n", data.len());
+            out.push_back(size.freeze());
+            out.push_back(data);
+            out.push_back(Bytes::from_static(b"\r\n"));
+        } else {
+            out.push_back(data);
+        }
+        Poll::Ready(Ok(false))
+    }
+}
