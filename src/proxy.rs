@@ -211,17 +211,14 @@ impl Proxy {
         retries: Vec<Cause>,
     ) -> Response<ResponseBody> {
         let (mut parts, ()) = resp.into_parts();
-        let upstream_keep_alive = headers::wants_keep_alive(parts.version, &parts.headers);
-        if group.guards.honor_hints {
-            let (timeout, max) = headers::keep_alive_hint(&parts.headers);
-            if let Some(secs) = timeout {
-                lease.meta.hint_idle = Some(learn::idle_budget_below(Duration::from_secs(secs)));
-            }
-            if let Some(max) = max {
-                lease.meta.hint_requests = Some(lease.meta.requests.saturating_add(max));
-            }
+        let (upstream_keep_alive, (timeout, max)) =
+            headers::from_upstream(parts.version, &mut parts.headers, group.guards.honor_hints);
+        if let Some(secs) = timeout {
+            lease.meta.hint_idle = Some(learn::idle_budget_below(Duration::from_secs(secs)));
         }
-        headers::remove_hop_by_hop(&mut parts.headers);
+        if let Some(max) = max {
+            lease.meta.hint_requests = Some(lease.meta.requests.saturating_add(max));
+        }
         entry.status = parts.status.as_u16();
         entry.upstream_status = Some(entry.status);
         let finish = Finish {

@@ -29,7 +29,8 @@ pub enum Reason {
     RequestBudget,
     /// The idle list was full; the least recently used connection made room.
     PoolFull,
-    /// The upstream had closed the connection (FIN, RST or stray bytes) while it was idle.
+    /// The upstream had closed the connection (FIN, RST or stray bytes) while it was idle,
+    /// or closed it (FIN or RST) by the time its response ended.
     ClosedByUpstream,
     /// The exchange on the connection failed.
     Error,
@@ -88,6 +89,8 @@ impl Reason {
 pub struct Returning {
     pub response_complete: bool,
     pub upstream_keep_alive: bool,
+    /// A FIN or RST had arrived by the time the response ended.
+    pub upstream_closed: bool,
     /// The server left DNS while the request was out.
     pub server_removed: bool,
 }
@@ -132,6 +135,9 @@ pub fn decide(
         }
         if !returning.upstream_keep_alive {
             return Err(Reason::UpstreamSaidClose);
+        }
+        if returning.upstream_closed {
+            return Err(Reason::ClosedByUpstream);
         }
         if returning.server_removed {
             return Err(Reason::ServerRemoved);
@@ -184,6 +190,7 @@ mod tests {
     const DONE: Returning = Returning {
         response_complete: true,
         upstream_keep_alive: true,
+        upstream_closed: false,
         server_removed: false,
     };
 
@@ -215,6 +222,14 @@ mod tests {
         assert_eq!(
             decide(&conn(now, 1), Moment::Checkin(close), &l, now),
             Err(Reason::UpstreamSaidClose)
+        );
+        let closed = Returning {
+            upstream_closed: true,
+            ..DONE
+        };
+        assert_eq!(
+            decide(&conn(now, 1), Moment::Checkin(closed), &l, now),
+            Err(Reason::ClosedByUpstream)
         );
         let removed = Returning {
             server_removed: true,

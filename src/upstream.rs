@@ -18,7 +18,8 @@ use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::task::{Context, Poll, Waker};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -27,6 +28,7 @@ use hyper::body::{Frame, SizeHint};
 use socket2::SockRef;
 use tokio::io::{AsyncWrite, Interest};
 use tokio::net::TcpStream;
+use tokio::time::Sleep;
 
 use crate::error::{Failure, Transport};
 use crate::proxy::body::{BodyError, RequestBody};
@@ -40,6 +42,9 @@ const READ_MIN: usize = 16 * 1024;
 /// Largest read: a read that fills its buffer doubles the next one up to this, so a large
 /// body moves in few system calls while a connection never holds more than this unread.
 const READ_MAX: usize = 256 * 1024;
+
+/// Where a new connection's timer starts: far off, as no exchange has set it yet.
+const IDLE_TIMER: Duration = Duration::from_secs(24 * 3600);
 
 /// Most buffers handed to one vectored write; a chunked body queues three per chunk.
 const WRITE_SLICES: usize = 16;
@@ -114,8 +119,38 @@ pub struct UpstreamConn {
     /// When a read first saw the upstream's FIN or an error.
     closed_at: Option<Instant>,
     /// The exchange under way is the connection's last: its response said so by its
-    /// framing, or its request body could not be sent whole.
+    /// framing (a body delimited by the close, an ambiguous framing, a 101).
     last: bool,
+    /// The request was not sent whole: the upstream may still wait for the rest of it.
+    cut: bool,
+    /// What wakes the group's reaper when the socket of this connection, idle, turns
+    /// readable, noting when.
+    watch: Arc<Watch>,
+    watch_waker: Waker,
+    /// The timeouts of the exchange under way. One timer for the life of the connection,
+    /// moved later from one exchange to the next: tokio then only stores the later deadline,
+    /// where a timer of each exchange's own would be registered and removed each time.
+    timer: Pin<Box<Sleep>>,
+}
+
+/// Wakes the reaper for one idle connection, and notes when: the moment the upstream's close
+/// arrived, for the learner.
+struct Watch {
+    reaper: Waker,
+    woken: Mutex<Option<Instant>>,
+}
+
+impl Wake for Watch {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        let mut woken = self.woken.lock().unwrap_or_else(PoisonError::into_inner);
+        woken.get_or_insert_with(Instant::now);
+        drop(woken);
+        self.reaper.wake_by_ref();
+    }
 }
 
 impl std::fmt::Debug for UpstreamConn {
@@ -135,7 +170,12 @@ pub struct Mark {
 }
 
 impl UpstreamConn {
-    pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<UpstreamConn, Failure> {
+    /// Connects to `addr`. `reaper` is woken when the connection, idle, turns readable.
+    pub async fn connect(
+        addr: SocketAddr,
+        timeout: Duration,
+        reaper: Waker,
+    ) -> Result<UpstreamConn, Failure> {
         let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
             Err(_) => return Err(Failure::ConnectTimeout(timeout)),
             Ok(Err(err)) => return Err(Failure::Connect(err)),
@@ -143,6 +183,10 @@ impl UpstreamConn {
         };
         // Requests are written whole; Nagle would only add latency.
         stream.set_nodelay(true).map_err(Failure::Connect)?;
+        let watch = Arc::new(Watch {
+            reaper,
+            woken: Mutex::new(None),
+        });
         Ok(UpstreamConn {
             stream,
             addr,
@@ -157,6 +201,10 @@ impl UpstreamConn {
             last_progress: Instant::now(),
             closed_at: None,
             last: false,
+            cut: false,
+            watch_waker: Waker::from(watch.clone()),
+            watch,
+            timer: Box::pin(tokio::time::sleep(IDLE_TIMER)),
         })
     }
 
@@ -165,15 +213,25 @@ impl UpstreamConn {
         self.closed_at.is_some() || self.last || matches!(self.reading, Reading::Spent)
     }
 
-    /// Whether the last exchange ended cleanly: the whole request sent, the whole response
-    /// read and nothing after it, the connection open.
-    pub fn is_reusable(&self) -> bool {
-        matches!(self.reading, Reading::Idle)
+    /// Whether the exchange's response made it the connection's last by its framing.
+    pub fn is_last(&self) -> bool {
+        self.last
+    }
+
+    /// Whether the last exchange ended at a message boundary on both sides: the whole
+    /// request sent, the whole response read, nothing read after it.
+    pub fn ended_cleanly(&self) -> bool {
+        matches!(self.reading, Reading::Idle | Reading::Drained)
             && self.out.is_empty()
             && self.sending.is_none()
+            && !self.cut
             && self.buf.is_empty()
-            && self.closed_at.is_none()
-            && !self.last
+    }
+
+    /// Whether the connection may carry another exchange: it ended cleanly, its response
+    /// did not make it the last, and no read saw the upstream close.
+    pub fn is_reusable(&self) -> bool {
+        self.ended_cleanly() && !self.last && self.closed_at.is_none()
     }
 
     /// When a read first saw the upstream's FIN or an error, if one did.
@@ -187,14 +245,37 @@ impl UpstreamConn {
         peek(&self.stream)
     }
 
-    /// For an idle connection: makes the upstream's next byte, FIN or RST wake `waker`,
-    /// and says what is there already. The reaper's waker, so that a close of an idle
-    /// connection is seen the moment it arrives, which is what the learner needs.
-    pub fn watch_idle(&self, waker: &Waker) -> Peek {
-        let mut cx = Context::from_waker(waker);
+    /// For an idle connection: makes the upstream's next byte, FIN or RST wake the reaper,
+    /// and says what is there already, with the moment a wake-up since the last call
+    /// came. A close of an idle connection is then seen, and timed, as it arrives, which is
+    /// what the learner needs.
+    pub fn watch_idle(&self) -> (Peek, Option<Instant>) {
+        let woken = self
+            .watch
+            .woken
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        (self.watch_socket(), woken)
+    }
+
+    /// When the idle watch last woke the reaper, if it did since the last [`watch_idle`].
+    ///
+    /// [`watch_idle`]: UpstreamConn::watch_idle
+    pub fn woken_at(&self) -> Option<Instant> {
+        *self
+            .watch
+            .woken
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn watch_socket(&self) -> Peek {
+        let mut cx = Context::from_waker(&self.watch_waker);
         // Readiness left over from the last response (its reads did not end on
-        // WouldBlock) is cleared by the peek that finds nothing; at most twice round.
-        for _ in 0..2 {
+        // WouldBlock) is cleared by the peek that finds nothing. Fresh readiness each
+        // round is bytes or a close arriving, which the next peek finds.
+        for _ in 0..4 {
             match self.stream.poll_read_ready(&mut cx) {
                 Poll::Pending => return Peek::Clean,
                 Poll::Ready(Err(err)) => return Peek::Closed(Transport::from_io(&err)),
@@ -226,9 +307,18 @@ impl UpstreamConn {
         self.last_progress
     }
 
-    /// Whether a request body is still going out.
+    /// Polls the connection's timer, set to `deadline`.
+    pub fn poll_deadline(&mut self, cx: &mut Context<'_>, deadline: Instant) -> Poll<()> {
+        let deadline = tokio::time::Instant::from_std(deadline);
+        if self.timer.deadline() != deadline {
+            self.timer.as_mut().reset(deadline);
+        }
+        self.timer.as_mut().poll(cx)
+    }
+
+    /// Whether some of the request is still going out.
     pub fn is_sending(&self) -> bool {
-        self.sending.is_some()
+        self.sending.is_some() || !self.out.is_empty()
     }
 
     /// Queues a request; [`UpstreamConn::poll_response`] sends it.
@@ -281,6 +371,13 @@ impl UpstreamConn {
             match parsed {
                 Err(_) => return Poll::Ready(Err(self.spend(ConnError::Invalid))),
                 Ok(Some(head)) => {
+                    // The request did not go out whole: the upstream may be waiting for the
+                    // rest, so what follows on this connection is not a new request.
+                    if let Poll::Ready(Err(_)) = sent {
+                        self.cut = true;
+                        self.sending = None;
+                        self.out.clear();
+                    }
                     self.last |= head.last;
                     self.reading = match head.framing {
                         Framing::Length(0) => Reading::Idle,
@@ -343,7 +440,7 @@ impl UpstreamConn {
             if let Poll::Ready(Err(_)) = self.poll_send(cx) {
                 self.sending = None;
                 self.out.clear();
-                self.last = true;
+                self.cut = true;
             }
         }
         loop {

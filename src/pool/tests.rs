@@ -7,6 +7,7 @@ use super::*;
 const DONE: Returning = Returning {
     response_complete: true,
     upstream_keep_alive: true,
+    upstream_closed: false,
     server_removed: false,
 };
 const MS: Duration = Duration::from_millis(1);

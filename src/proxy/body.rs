@@ -298,7 +298,8 @@ enum Kind {
     /// Read from the leased connection; `None` once the body ended and the lease went on.
     Upstream {
         lease: Option<Lease>,
-        gap: Gap,
+        /// The longest wait for the upstream's next bytes (nginx's `proxy_read_timeout`).
+        read_timeout: Duration,
         /// An upstream failure held back one poll; see [`ResponseBody::poll_frame`].
         failed: Option<ConnError>,
     },
@@ -323,7 +324,7 @@ impl ResponseBody {
         ResponseBody {
             kind: Kind::Upstream {
                 lease: Some(lease),
-                gap: Gap::new(read_timeout),
+                read_timeout,
                 failed: None,
             },
             on_end: None,
@@ -397,21 +398,24 @@ impl Body for ResponseBody {
             Kind::Upstream { lease: None, .. } => Poll::Ready(None),
             Kind::Upstream {
                 lease: Some(lease),
-                gap,
+                read_timeout,
                 failed,
             } => match lease.conn_mut().poll_frame(cx) {
-                Poll::Pending if gap.poll_expired(cx) => {
-                    Poll::Ready(Some(Err(ResponseBodyError::Timeout)))
+                Poll::Pending => {
+                    let conn = lease.conn_mut();
+                    let deadline = conn.last_progress() + *read_timeout;
+                    match conn.poll_deadline(cx, deadline) {
+                        Poll::Ready(()) => Poll::Ready(Some(Err(ResponseBodyError::Timeout))),
+                        Poll::Pending => Poll::Pending,
+                    }
                 }
-                Poll::Pending => Poll::Pending,
-                Poll::Ready(Some(Ok(frame))) => {
-                    gap.progressed();
-                    Poll::Ready(Some(Ok(frame)))
-                }
+                Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(frame))),
                 // The response head and the body read so far may still wait in the client
-                // connection's buffer, and an error now would drop them unsent: the error
-                // comes one poll later, after they were flushed, so that the client sees
-                // the response cut short rather than no response at all.
+                // connection's buffer, and an error now would drop them unsent. The error
+                // comes one poll later instead, which gives the client connection a turn to
+                // flush them first, so that the client usually sees the response cut short
+                // rather than no response at all. Usually: a flush that cannot finish in
+                // that turn is still dropped.
                 Poll::Ready(Some(Err(err))) => {
                     *failed = Some(err);
                     cx.waker().wake_by_ref();

@@ -3,6 +3,7 @@
 
 use std::future::poll_fn;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use http::{HeaderMap, Method, Response, Uri};
@@ -243,18 +244,21 @@ async fn send(
     conn.start(&head.method, &head.uri, &head.headers, body);
     let try_deadline = per_try.map(|t| sent_at + t);
     loop {
+        // The timer is set before the first write, and the sending may end before it
+        // fires: it wakes at the sooner of the two quiet limits, and the limit that applies
+        // is checked when it does.
         let quiet = if conn.is_sending() {
-            send_timeout
+            send_timeout.min(read)
         } else {
             read
         };
         let idle_deadline = conn.last_progress().max(sent_at) + quiet;
         let deadline = try_deadline.map_or(idle_deadline, |t| t.min(idle_deadline));
-        let polled = tokio::select! {
-            biased;
-            res = poll_fn(|cx| conn.poll_response(cx)) => Some(res),
-            _ = tokio::time::sleep_until(deadline.into()) => None,
-        };
+        let polled = poll_fn(|cx| match conn.poll_response(cx) {
+            Poll::Ready(res) => Poll::Ready(Some(res)),
+            Poll::Pending => conn.poll_deadline(cx, deadline).map(|()| None),
+        })
+        .await;
         match polled {
             Some(Ok(resp)) => return Ok(resp),
             Some(Err(err)) => {

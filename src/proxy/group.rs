@@ -307,9 +307,12 @@ impl Group {
                     Dropped::Fin
                 };
                 metrics.dropped(cause).inc();
+                // The close woke the reaper, which has not run yet: the wake-up's moment
+                // is the close's.
+                let woken = conn.woken_at();
                 Liveness::Closed {
-                    at: now,
-                    exact: false,
+                    at: woken.unwrap_or(now),
+                    exact: woken.is_some(),
                 }
             }
             Peek::StrayBytes => {
@@ -347,7 +350,7 @@ impl Group {
         addr: SocketAddr,
     ) -> Result<Lease, Failure> {
         let metrics = &self.metrics.server(server);
-        match UpstreamConn::connect(addr, self.connect_timeout).await {
+        match UpstreamConn::connect(addr, self.connect_timeout, self.idle_waker.clone()).await {
             Ok(conn) => {
                 let conn = Box::new(conn);
                 metrics.opened.inc();
@@ -507,13 +510,14 @@ pub async fn reap(group: Weak<Group>) {
             group.with_pool(|pool, closed| {
                 pool.expire(
                     now,
-                    // Woken by an idle socket turning readable, the reaper finds the close
-                    // as it happens: the moment is exact.
-                    |c| match c.watch_idle(&group.idle_waker) {
-                        Peek::Clean => Liveness::Alive,
-                        Peek::Closed(_) | Peek::StrayBytes => Liveness::Closed {
-                            at: now,
-                            exact: true,
+                    // An idle socket turning readable wakes the reaper and notes when: that
+                    // is the close's moment. A close found without a wake-up (the watch
+                    // lapsed) is only known to have happened by now.
+                    |c| match c.watch_idle() {
+                        (Peek::Clean, _) => Liveness::Alive,
+                        (_, woken) => Liveness::Closed {
+                            at: woken.unwrap_or(now),
+                            exact: woken.is_some(),
                         },
                     },
                     |c, m, r| closed.push((c, m, r)),
@@ -574,20 +578,24 @@ impl Lease {
     /// Ends the exchange; the pool keeps the connection if [`crate::reuse::decide`] allows.
     pub fn release(mut self, response_complete: bool, upstream_keep_alive: bool, now: Instant) {
         let Some(conn) = self.conn.take() else { return };
-        // A streamed request body still going out (the upstream answered early) would hold
-        // the next request behind it; a connection that saw the upstream close, or bytes
-        // past the response, cannot carry another. The idle watch is set only on a
-        // connection that may be kept, as it may cost a look at the socket.
-        let response_complete = response_complete && !self.failed && !conn.is_sending();
-        let upstream_keep_alive = upstream_keep_alive
-            && response_complete
-            && conn.is_reusable()
-            && conn.watch_idle(&self.group.idle_waker) == Peek::Clean;
+        // A request not sent whole (the upstream answered early) leaves the upstream
+        // waiting for its rest, and bytes past the response belong to no request: either
+        // way the connection is not at a message boundary. A response delimited by the
+        // close ends it. The idle watch is set only on a connection that may be kept, as it
+        // may cost a look at the socket.
         let mut returning = Returning {
-            response_complete,
-            upstream_keep_alive,
+            response_complete: response_complete && !self.failed && conn.ended_cleanly(),
+            upstream_keep_alive: upstream_keep_alive && !conn.is_last(),
+            upstream_closed: conn.closed_at().is_some(),
             server_removed: false,
         };
+        if returning.response_complete && returning.upstream_keep_alive {
+            match conn.watch_idle().0 {
+                Peek::Clean => {}
+                Peek::Closed(_) => returning.upstream_closed = true,
+                Peek::StrayBytes => returning.response_complete = false,
+            }
+        }
         let meta = self.meta;
         let servers = &self.group.servers;
         let expiry = self.group.with_pool(|pool, closed| {

@@ -73,10 +73,29 @@ pub fn keep_alive_hint(headers: &HeaderMap) -> (Option<u64>, Option<u64>) {
     (timeout, max)
 }
 
-/// Removes `Connection`, every header it names, and the fixed hop-by-hop set.
-pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+/// What a response head says about its connection: whether the upstream keeps it open, and
+/// its `Keep-Alive` hint (read only when `read_hint`). The hop-by-hop headers are removed on
+/// the way, all in one scan of the names, so a head without `Connection` or `Keep-Alive`
+/// costs no lookup of either.
+pub fn from_upstream(
+    version: Version,
+    headers: &mut HeaderMap,
+    read_hint: bool,
+) -> (bool, (Option<u64>, Option<u64>)) {
     let seen = Seen::scan(headers);
+    let listed = |token| seen.hop_by_hop[0] && connection_has(headers, token);
+    let keep_alive = match version {
+        Version::HTTP_11 => !listed("close"),
+        Version::HTTP_10 => listed("keep-alive") && !listed("close"),
+        _ => false,
+    };
+    let hint = if read_hint && seen.hop_by_hop[1] {
+        keep_alive_hint(headers)
+    } else {
+        (None, None)
+    };
     remove_seen_hop_by_hop(headers, &seen);
+    (keep_alive, hint)
 }
 
 /// Which of the headers kaguard removes or rewrites a message carries, found in one pass
@@ -282,7 +301,8 @@ mod tests {
             ("proxy-authenticate", "basic"),
             ("x-kept", "yes"),
         ]);
-        remove_hop_by_hop(&mut h);
+        let intent = from_upstream(Version::HTTP_11, &mut h, true);
+        assert_eq!(intent, (false, (Some(5), None)));
         assert_eq!(h.len(), 1, "{h:?}");
         assert_eq!(h["x-kept"], "yes");
     }
@@ -355,6 +375,26 @@ mod tests {
             (None, None)
         );
         assert_eq!(keep_alive_hint(&HeaderMap::new()), (None, None));
+    }
+
+    #[test]
+    fn a_response_says_what_the_request_rules_say_and_its_hint_only_when_asked() {
+        let heads = [
+            map(&[]),
+            map(&[("connection", "Close")]),
+            map(&[("connection", "keep-alive"), ("keep-alive", "timeout=3")]),
+            map(&[("connection", "keep-alive, close")]),
+        ];
+        for version in [Version::HTTP_10, Version::HTTP_11] {
+            for head in &heads {
+                let expected = (wants_keep_alive(version, head), keep_alive_hint(head));
+                for read_hint in [true, false] {
+                    let got = from_upstream(version, &mut head.clone(), read_hint);
+                    let hint = if read_hint { expected.1 } else { (None, None) };
+                    assert_eq!(got, (expected.0, hint), "{version:?} {head:?}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -65,14 +65,21 @@ pub(super) fn head(
         }
         let bytes = buf.split_to(len).freeze();
         let mut headers = HeaderMap::with_capacity(spans.len());
+        let mut lines = Lines::default();
         for &(name, value) in spans.iter() {
             let name = HeaderName::from_bytes(&bytes[name.0..name.1]).map_err(|_| Invalid)?;
             let value = HeaderValue::from_maybe_shared(bytes.slice(value.0..value.1))
                 .map_err(|_| Invalid)?;
+            lines.note(&name, &value)?;
             headers.append(name, value);
         }
         let status = StatusCode::from_u16(code).map_err(|_| Invalid)?;
-        let (framing, last) = framing(code, &headers, head_request)?;
+        let (framing, last) = lines.framing(code, head_request);
+        if lines.chunked.is_some() && lines.length.is_some() {
+            // RFC 9112 §6.3: a proxy forwarding such a message removes its Content-Length,
+            // which the body's real length need not match.
+            headers.remove(header::CONTENT_LENGTH);
+        }
         let mut response = Response::new(());
         *response.status_mut() = status;
         *response.version_mut() = version;
@@ -143,58 +150,53 @@ fn parse_with<'b>(
     Ok(Some((len, resp.code, version)))
 }
 
-/// RFC 9112 §6.3, in its order.
-fn framing(code: u16, headers: &HeaderMap, head_request: bool) -> Result<(Framing, bool), Invalid> {
-    if head_request || code == 204 || code == 304 || (100..200).contains(&code) {
-        // A 101 hands the connection to another protocol; kaguard relays none.
-        return Ok((Framing::Length(0), code == 101));
-    }
-    let length = content_length(headers)?;
-    if headers.contains_key(header::TRANSFER_ENCODING) {
-        // Transfer-Encoding overrides Content-Length; a message carrying both may be an
-        // attempt at smuggling, so its connection carries nothing more.
-        let last = length.is_some();
-        return Ok(if final_coding_is_chunked(headers) {
-            (Framing::Chunked(Chunked::Size), last)
-        } else {
-            (Framing::UntilClose, true)
-        });
-    }
-    Ok(match length {
-        Some(n) => (Framing::Length(n), false),
-        None => (Framing::UntilClose, true),
-    })
+/// The framing lines of a head, noted as the header map is built so that framing costs no
+/// lookup: the Content-Length all its values agree on, and, when Transfer-Encoding is there,
+/// whether its final coding is chunked.
+#[derive(Default)]
+struct Lines {
+    length: Option<u64>,
+    chunked: Option<bool>,
 }
 
-/// Every Content-Length value, lines and comma-separated lists alike, must be the same
-/// number; a response that disagrees with itself is refused.
-fn content_length(headers: &HeaderMap) -> Result<Option<u64>, Invalid> {
-    let mut found = None;
-    for value in headers.get_all(header::CONTENT_LENGTH) {
-        let text = value.to_str().map_err(|_| Invalid)?;
-        for part in text.split(',') {
-            let part = part.trim();
-            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(Invalid);
+impl Lines {
+    fn note(&mut self, name: &HeaderName, value: &HeaderValue) -> Result<(), Invalid> {
+        if name == header::CONTENT_LENGTH {
+            // Lines and comma-separated lists alike must all be the same number; a response
+            // that disagrees with itself is refused.
+            let text = value.to_str().map_err(|_| Invalid)?;
+            for part in text.split(',').map(str::trim) {
+                if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(Invalid);
+                }
+                let n: u64 = part.parse().map_err(|_| Invalid)?;
+                if self.length.is_some_and(|l| l != n) {
+                    return Err(Invalid);
+                }
+                self.length = Some(n);
             }
-            let n: u64 = part.parse().map_err(|_| Invalid)?;
-            if found.is_some_and(|f| f != n) {
-                return Err(Invalid);
-            }
-            found = Some(n);
+        } else if name == header::TRANSFER_ENCODING {
+            // The last line's last coding is the final one.
+            let last = value.to_str().ok().and_then(|v| v.rsplit(',').next());
+            self.chunked = Some(last.is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked")));
+        }
+        Ok(())
+    }
+
+    /// RFC 9112 §6.3, in its order.
+    fn framing(&self, code: u16, head_request: bool) -> (Framing, bool) {
+        if head_request || code == 204 || code == 304 || (100..200).contains(&code) {
+            // A 101 hands the connection to another protocol; kaguard relays none.
+            return (Framing::Length(0), code == 101);
+        }
+        match (self.chunked, self.length) {
+            // Transfer-Encoding overrides Content-Length; a message carrying both may be an
+            // attempt at smuggling, so its connection carries nothing more.
+            (Some(true), length) => (Framing::Chunked(Chunked::Size), length.is_some()),
+            (Some(false), _) | (None, None) => (Framing::UntilClose, true),
+            (None, Some(n)) => (Framing::Length(n), false),
         }
     }
-    Ok(found)
-}
-
-fn final_coding_is_chunked(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .next_back()
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.rsplit(',').next())
-        .is_some_and(|coding| coding.trim().eq_ignore_ascii_case("chunked"))
 }
 
 /// Where a chunked body's reader stands.
@@ -222,6 +224,11 @@ impl Chunked {
     pub(super) fn step(&mut self, buf: &mut BytesMut) -> Result<Step, Invalid> {
         loop {
             match *self {
+                // httparse reads a size line without digits as 0, the last chunk; a size
+                // the upstream did not send must not end the body.
+                Chunked::Size if buf.first().is_some_and(|b| !b.is_ascii_hexdigit()) => {
+                    return Err(Invalid);
+                }
                 Chunked::Size => match httparse::parse_chunk_size(buf) {
                     Ok(httparse::Status::Complete((len, size))) => {
                         buf.advance(len);

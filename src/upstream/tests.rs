@@ -50,7 +50,7 @@ async fn get(conn: &mut UpstreamConn) -> (Response<()>, Bytes) {
 #[tokio::test]
 async fn a_whole_response_leaves_the_connection_reusable() {
     let (addr, _close, seen) = scripted(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
-    let mut conn = UpstreamConn::connect(addr, PATIENCE)
+    let mut conn = UpstreamConn::connect(addr, PATIENCE, Waker::noop().clone())
         .await
         .expect("connect");
     let (response, body) = get(&mut conn).await;
@@ -65,7 +65,7 @@ async fn a_whole_response_leaves_the_connection_reusable() {
 async fn bytes_after_a_response_make_the_connection_unusable() {
     let (addr, _close, _) =
         scripted(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n").await;
-    let mut conn = UpstreamConn::connect(addr, PATIENCE)
+    let mut conn = UpstreamConn::connect(addr, PATIENCE, Waker::noop().clone())
         .await
         .expect("connect");
     let (_, body) = get(&mut conn).await;
@@ -76,7 +76,7 @@ async fn bytes_after_a_response_make_the_connection_unusable() {
 #[tokio::test]
 async fn a_response_delimited_by_the_close_is_read_to_the_close_and_not_reused() {
     let (addr, close, _) = scripted(b"HTTP/1.0 200 OK\r\n\r\nuntil the end").await;
-    let mut conn = UpstreamConn::connect(addr, PATIENCE)
+    let mut conn = UpstreamConn::connect(addr, PATIENCE, Waker::noop().clone())
         .await
         .expect("connect");
     let _ = close.send(());
@@ -95,16 +95,16 @@ impl Wake for Counting {
 }
 
 #[tokio::test]
-async fn an_idle_connection_closed_by_the_upstream_wakes_its_watcher() {
+async fn an_idle_connection_closed_by_the_upstream_wakes_its_watcher_and_times_the_close() {
     let (addr, close, _) = scripted(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
-    let mut conn = UpstreamConn::connect(addr, PATIENCE)
+    let woken = Arc::new(Counting(AtomicUsize::new(0)));
+    let mut conn = UpstreamConn::connect(addr, PATIENCE, Waker::from(woken.clone()))
         .await
         .expect("connect");
     get(&mut conn).await;
-    let woken = Arc::new(Counting(AtomicUsize::new(0)));
-    let waker = Waker::from(woken.clone());
-    assert_eq!(conn.watch_idle(&waker), Peek::Clean);
+    assert_eq!(conn.watch_idle(), (Peek::Clean, None));
     assert_eq!(woken.0.load(Ordering::SeqCst), 0);
+    let before_close = Instant::now();
     let _ = close.send(());
     // Nobody polls the connection: only the registered waker can tell of the close.
     for _ in 0..(PATIENCE.as_millis() / 10) {
@@ -118,5 +118,11 @@ async fn an_idle_connection_closed_by_the_upstream_wakes_its_watcher() {
         1,
         "the close woke the watcher"
     );
-    assert_eq!(conn.watch_idle(&waker), Peek::Closed(Transport::Eof));
+    // Looked at well after the close, the close still has its own moment.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let looked = Instant::now();
+    let (found, at) = conn.watch_idle();
+    assert_eq!(found, Peek::Closed(Transport::Eof));
+    let at = at.expect("the moment of the wake-up");
+    assert!(before_close <= at && at + Duration::from_millis(100) < looked);
 }

@@ -93,6 +93,11 @@ fn framing_follows_rfc_9112() {
     let chunked = Framing::Chunked(Chunked::Size);
     let both = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n";
     assert_eq!(framing_of(both, false), Ok(Some((chunked.clone(), true))));
+    let (head, _) = whole(both);
+    assert!(
+        head.response.headers().get("content-length").is_none(),
+        "a proxy removes the Content-Length a Transfer-Encoding overrides"
+    );
     let te = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n";
     assert_eq!(framing_of(te, false), Ok(Some((chunked, false))));
     let gzip = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n";
@@ -156,6 +161,8 @@ fn chunked_bodies_end_at_the_last_chunk_and_keep_their_trailers() {
     let (_, _, rest) = dechunk(wire, wire.len()).expect("valid");
     assert_eq!(&rest[..], b"NEXT");
     assert_eq!(dechunk(b"zz\r\n", 4).err(), Some(Invalid));
+    assert_eq!(dechunk(b"\r\n\r\n", 4).err(), Some(Invalid));
+    assert_eq!(dechunk(b";ext\r\n\r\n", 4).err(), Some(Invalid));
     assert_eq!(dechunk(b"2\r\nabXY0\r\n\r\n", 4).err(), Some(Invalid));
 }
 
