@@ -174,10 +174,11 @@ fn run(args: RunArgs) -> ExitCode {
 }
 
 /// One runtime per worker, each with a single thread of its own: tasks never move between
-/// threads, and a task woken by another runs next on the same thread (tokio's LIFO slot,
-/// which the multi-threaded scheduler has and the current-thread one lacks), as a request
-/// and its upstream connection hand each other the exchange. Returns the first runtime, the
-/// others' handles, and the others, which must live as long as the process serves.
+/// threads. The multi-threaded scheduler with one thread, rather than the current-thread
+/// one: a task woken by another runs next on the same thread (tokio's LIFO slot), which
+/// mattered while upstream connections had tasks of their own; since they have none, the
+/// two measure the same (docs/performance.md). Returns the first runtime, the others'
+/// handles, and the others, which must live as long as the process serves.
 fn worker_runtimes(workers: usize) -> std::io::Result<WorkerRuntimes> {
     let build = |index: usize| {
         tokio::runtime::Builder::new_multi_thread()
