@@ -12,21 +12,20 @@
 
 mod decode;
 mod encode;
+mod idle;
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
-use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll, Wake, Waker};
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, Method, Response, Uri};
 use hyper::body::{Frame, SizeHint};
-use socket2::SockRef;
-use tokio::io::{AsyncWrite, Interest};
+use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
@@ -34,6 +33,8 @@ use crate::error::{Failure, Transport};
 use crate::proxy::body::{BodyError, RequestBody};
 use decode::{Framing, Step};
 use encode::Sending;
+pub use idle::Peek;
+use idle::Watch;
 
 /// First read size for a response body. Small bodies arrive with their head; this is for
 /// the ones that do not.
@@ -48,17 +49,6 @@ const IDLE_TIMER: Duration = Duration::from_secs(24 * 3600);
 
 /// Most buffers handed to one vectored write; a chunked body queues three per chunk.
 const WRITE_SLICES: usize = 16;
-
-/// What a non-blocking look at an idle connection's socket found.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Peek {
-    /// Nothing pending: the upstream has not closed it as far as this host knows.
-    Clean,
-    /// The upstream sent FIN or RST.
-    Closed(Transport),
-    /// The upstream sent bytes no request asked for; the connection cannot be trusted.
-    StrayBytes,
-}
 
 /// Why an exchange stopped. [`UpstreamConn::failure`] types it by how far the exchange got.
 #[derive(Debug, thiserror::Error)]
@@ -133,26 +123,6 @@ pub struct UpstreamConn {
     timer: Pin<Box<Sleep>>,
 }
 
-/// Wakes the reaper for one idle connection, and notes when: the moment the upstream's close
-/// arrived, for the learner.
-struct Watch {
-    reaper: Waker,
-    woken: Mutex<Option<Instant>>,
-}
-
-impl Wake for Watch {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        let mut woken = self.woken.lock().unwrap_or_else(PoisonError::into_inner);
-        woken.get_or_insert_with(Instant::now);
-        drop(woken);
-        self.reaper.wake_by_ref();
-    }
-}
-
 impl std::fmt::Debug for UpstreamConn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("UpstreamConn")
@@ -183,10 +153,7 @@ impl UpstreamConn {
         };
         // Requests are written whole; Nagle would only add latency.
         stream.set_nodelay(true).map_err(Failure::Connect)?;
-        let watch = Arc::new(Watch {
-            reaper,
-            woken: Mutex::new(None),
-        });
+        let watch = Watch::new(reaper);
         Ok(UpstreamConn {
             stream,
             addr,
@@ -237,61 +204,6 @@ impl UpstreamConn {
     /// When a read first saw the upstream's FIN or an error, if one did.
     pub fn closed_at(&self) -> Option<Instant> {
         self.closed_at
-    }
-
-    /// Looks, without blocking or consuming anything, for a FIN, RST or stray bytes that
-    /// arrived while the connection was idle. Leaves tokio's readiness state alone.
-    pub fn peek(&self) -> Peek {
-        peek(&self.stream)
-    }
-
-    /// For an idle connection: makes the upstream's next byte, FIN or RST wake the reaper,
-    /// and says what is there already, with the moment a wake-up since the last call
-    /// came. A close of an idle connection is then seen, and timed, as it arrives, which is
-    /// what the learner needs.
-    pub fn watch_idle(&self) -> (Peek, Option<Instant>) {
-        let woken = self
-            .watch
-            .woken
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        (self.watch_socket(), woken)
-    }
-
-    /// When the idle watch last woke the reaper, if it did since the last [`watch_idle`].
-    ///
-    /// [`watch_idle`]: UpstreamConn::watch_idle
-    pub fn woken_at(&self) -> Option<Instant> {
-        *self
-            .watch
-            .woken
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn watch_socket(&self) -> Peek {
-        let mut cx = Context::from_waker(&self.watch_waker);
-        // Readiness left over from the last response (its reads did not end on
-        // WouldBlock) is cleared by the peek that finds nothing. Fresh readiness each
-        // round is bytes or a close arriving, which the next peek finds.
-        for _ in 0..4 {
-            match self.stream.poll_read_ready(&mut cx) {
-                Poll::Pending => return Peek::Clean,
-                Poll::Ready(Err(err)) => return Peek::Closed(Transport::from_io(&err)),
-                Poll::Ready(Ok(())) => {}
-            }
-            match self
-                .stream
-                .try_io(Interest::READABLE, || match peek(&self.stream) {
-                    Peek::Clean => Err(io::ErrorKind::WouldBlock.into()),
-                    found => Ok(found),
-                }) {
-                Ok(found) => return found,
-                Err(_) => continue,
-            }
-        }
-        self.peek()
     }
 
     /// Bytes moved so far, to tell later how far an exchange got.
@@ -584,16 +496,6 @@ impl UpstreamConn {
             self.read_size = (self.read_size / 2).max(READ_MIN);
         }
         Poll::Ready(Ok(()))
-    }
-}
-
-fn peek(stream: &TcpStream) -> Peek {
-    let mut buf = [MaybeUninit::<u8>::uninit(); 1];
-    match SockRef::from(stream).peek(&mut buf) {
-        Ok(0) => Peek::Closed(Transport::Eof),
-        Ok(_) => Peek::StrayBytes,
-        Err(err) if err.kind() == io::ErrorKind::WouldBlock => Peek::Clean,
-        Err(err) => Peek::Closed(Transport::from_io(&err)),
     }
 }
 
