@@ -195,12 +195,6 @@ impl UpstreamConn {
             && self.buf.is_empty()
     }
 
-    /// Whether the connection may carry another exchange: it ended cleanly, its response
-    /// did not make it the last, and no read saw the upstream close.
-    pub fn is_reusable(&self) -> bool {
-        self.ended_cleanly() && !self.last && self.closed_at.is_none()
-    }
-
     /// When a read first saw the upstream's FIN or an error, if one did.
     pub fn closed_at(&self) -> Option<Instant> {
         self.closed_at
@@ -348,7 +342,7 @@ impl UpstreamConn {
     ) -> Poll<Option<Result<Frame<Bytes>, ConnError>>> {
         if self.sending.is_some() || !self.out.is_empty() {
             // The response is what matters now: a request body that fails only means the
-            // connection cannot be reused, which `is_reusable` sees.
+            // exchange did not end cleanly, and the connection is not reused.
             if let Poll::Ready(Err(_)) = self.poll_send(cx) {
                 self.sending = None;
                 self.out.clear();

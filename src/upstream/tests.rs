@@ -36,6 +36,28 @@ async fn scripted(
     (addr, close, seen)
 }
 
+/// A connection to a [`scripted`] upstream, whose idle watch wakes `reaper`.
+async fn connected(
+    response: &'static [u8],
+    reaper: Waker,
+) -> (
+    UpstreamConn,
+    oneshot::Sender<()>,
+    oneshot::Receiver<Vec<u8>>,
+) {
+    let (addr, close, seen) = scripted(response).await;
+    let conn = UpstreamConn::connect(addr, PATIENCE, reaper)
+        .await
+        .expect("connect");
+    (conn, close, seen)
+}
+
+/// What `Lease::release` reads to pool a connection: a clean end, no framing that makes the
+/// exchange the last, no close seen.
+fn poolable(conn: &UpstreamConn) -> bool {
+    conn.ended_cleanly() && !conn.is_last() && conn.closed_at().is_none()
+}
+
 async fn get(conn: &mut UpstreamConn) -> (Response<()>, Bytes) {
     let mut headers = HeaderMap::new();
     headers.insert(http::header::HOST, http::HeaderValue::from_static("up"));
@@ -49,40 +71,33 @@ async fn get(conn: &mut UpstreamConn) -> (Response<()>, Bytes) {
 
 #[tokio::test]
 async fn a_whole_response_leaves_the_connection_reusable() {
-    let (addr, _close, seen) = scripted(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
-    let mut conn = UpstreamConn::connect(addr, PATIENCE, Waker::noop().clone())
-        .await
-        .expect("connect");
+    let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+    let (mut conn, _close, seen) = connected(ok, Waker::noop().clone()).await;
     let (response, body) = get(&mut conn).await;
     assert_eq!(response.status(), 200);
     assert_eq!(&body[..], b"ok");
-    assert!(conn.is_reusable());
+    assert!(poolable(&conn));
     let request = seen.await.expect("the request");
     assert_eq!(request, b"GET /path?q=1 HTTP/1.1\r\nhost: up\r\n\r\n");
 }
 
 #[tokio::test]
 async fn bytes_after_a_response_make_the_connection_unusable() {
-    let (addr, _close, _) =
-        scripted(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n").await;
-    let mut conn = UpstreamConn::connect(addr, PATIENCE, Waker::noop().clone())
-        .await
-        .expect("connect");
+    let extra = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n";
+    let (mut conn, _close, _) = connected(extra, Waker::noop().clone()).await;
     let (_, body) = get(&mut conn).await;
     assert_eq!(&body[..], b"ok");
-    assert!(!conn.is_reusable());
+    assert!(!conn.ended_cleanly() && !poolable(&conn));
 }
 
 #[tokio::test]
 async fn a_response_delimited_by_the_close_is_read_to_the_close_and_not_reused() {
-    let (addr, close, _) = scripted(b"HTTP/1.0 200 OK\r\n\r\nuntil the end").await;
-    let mut conn = UpstreamConn::connect(addr, PATIENCE, Waker::noop().clone())
-        .await
-        .expect("connect");
+    let to_close = b"HTTP/1.0 200 OK\r\n\r\nuntil the end";
+    let (mut conn, close, _) = connected(to_close, Waker::noop().clone()).await;
     let _ = close.send(());
     let (_, body) = get(&mut conn).await;
     assert_eq!(&body[..], b"until the end");
-    assert!(conn.is_closed() && !conn.is_reusable());
+    assert!(conn.ended_cleanly() && conn.is_last() && !poolable(&conn));
 }
 
 /// Counts its wake-ups.
@@ -96,11 +111,9 @@ impl Wake for Counting {
 
 #[tokio::test]
 async fn an_idle_connection_closed_by_the_upstream_wakes_its_watcher_and_times_the_close() {
-    let (addr, close, _) = scripted(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
+    let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
     let woken = Arc::new(Counting(AtomicUsize::new(0)));
-    let mut conn = UpstreamConn::connect(addr, PATIENCE, Waker::from(woken.clone()))
-        .await
-        .expect("connect");
+    let (mut conn, close, _) = connected(ok, Waker::from(woken.clone())).await;
     get(&mut conn).await;
     assert_eq!(conn.watch_idle(), (Peek::Clean, None));
     assert_eq!(woken.0.load(Ordering::SeqCst), 0);
