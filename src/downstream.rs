@@ -24,8 +24,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 
 use crate::config::DownstreamConfig;
+use crate::hop;
 use crate::proxy::body::ResponseBody;
-use crate::proxy::{Abort, Client, Proxy, headers};
+use crate::proxy::{Abort, Client, Proxy};
 use io::{ClientSide, Tracker, Wait};
 use observed::Observed;
 
@@ -318,7 +319,7 @@ impl Downstream {
         // Ends the request on its connection when the response body is dropped, or right
         // away if the proxy asks to abort.
         let in_flight = InFlight(tracker.clone());
-        let keep_alive = headers::wants_keep_alive(req.version(), req.headers());
+        let keep_alive = hop::wants_keep_alive(req.version(), req.headers());
         let client = Client {
             addr,
             connection: serial,

@@ -15,6 +15,7 @@ pub mod config;
 pub mod downstream;
 pub mod error;
 pub mod health;
+pub mod hop;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;

@@ -21,6 +21,7 @@ use hyper::body::Incoming;
 
 use crate::access_log::{self, AccessLog, Entry, RequestLine};
 use crate::config::Config;
+use crate::hop::Hop;
 use crate::metrics::{Metrics, RetryOutcome};
 use crate::pool::learn;
 use crate::resolve::Resolver;
@@ -174,8 +175,8 @@ impl Proxy {
         )
         .await
         {
-            Ok((resp, lease, sent_at)) => {
-                Ok(self.respond(resp, lease, &group, entry, start, sent_at, retries))
+            Ok((resp, hop, lease, sent_at)) => {
+                Ok(self.respond(resp, hop, lease, &group, entry, start, sent_at, retries))
             }
             Err((failure, decision)) => {
                 tracing::error!(
@@ -203,6 +204,7 @@ impl Proxy {
     fn respond(
         &self,
         resp: Response<()>,
+        hop: Hop,
         mut lease: Lease,
         group: &Arc<Group>,
         mut entry: Entry,
@@ -210,14 +212,15 @@ impl Proxy {
         sent_at: Instant,
         retries: Vec<Cause>,
     ) -> Response<ResponseBody> {
-        let (mut parts, ()) = resp.into_parts();
-        let (upstream_keep_alive, (timeout, max)) =
-            headers::from_upstream(parts.version, &mut parts.headers, group.guards.honor_hints);
-        if let Some(secs) = timeout {
-            lease.meta.hint_idle = Some(learn::idle_budget_below(Duration::from_secs(secs)));
-        }
-        if let Some(max) = max {
-            lease.meta.hint_requests = Some(lease.meta.requests.saturating_add(max));
+        let (parts, ()) = resp.into_parts();
+        let upstream_keep_alive = hop.keeps_alive(parts.version);
+        if group.guards.honor_hints {
+            if let Some(secs) = hop.timeout {
+                lease.meta.hint_idle = Some(learn::idle_budget_below(Duration::from_secs(secs)));
+            }
+            if let Some(max) = hop.max {
+                lease.meta.hint_requests = Some(lease.meta.requests.saturating_add(max));
+            }
         }
         entry.status = parts.status.as_u16();
         entry.upstream_status = Some(entry.status);

@@ -30,6 +30,7 @@ use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
 use crate::error::{Failure, Transport};
+use crate::hop::Hop;
 use crate::proxy::body::{BodyError, RequestBody};
 use decode::{Framing, Step};
 use encode::Sending;
@@ -260,7 +261,10 @@ impl UpstreamConn {
 
     /// Sends the request and reads until a final response head. The body stays on the
     /// connection, for [`UpstreamConn::poll_frame`].
-    pub fn poll_response(&mut self, cx: &mut Context<'_>) -> Poll<Result<Response<()>, ConnError>> {
+    pub fn poll_response(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<(Response<()>, Hop), ConnError>> {
         let head_request = match self.reading {
             Reading::Head { head_request } => head_request,
             _ => return Poll::Ready(Err(ConnError::Eof)),
@@ -289,7 +293,7 @@ impl UpstreamConn {
                         Framing::Length(0) => Reading::Idle,
                         framing => Reading::Body(framing),
                     };
-                    return Poll::Ready(Ok(head.response));
+                    return Poll::Ready(Ok((head.response, head.hop)));
                 }
                 Ok(None) => {}
             }
@@ -324,7 +328,7 @@ impl UpstreamConn {
         body: RequestBody,
     ) -> Result<(Response<()>, Bytes), ConnError> {
         self.start(method, uri, headers, body);
-        let response = std::future::poll_fn(|cx| self.poll_response(cx)).await?;
+        let (response, _) = std::future::poll_fn(|cx| self.poll_response(cx)).await?;
         let mut body = BytesMut::new();
         while let Some(frame) = std::future::poll_fn(|cx| self.poll_frame(cx)).await {
             if let Ok(data) = frame?.into_data() {

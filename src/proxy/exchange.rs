@@ -14,6 +14,7 @@ use super::group::{Group, Lease};
 use crate::access_log::{self, Entry};
 use crate::config::RetryPolicy;
 use crate::error::Failure;
+use crate::hop::Hop;
 use crate::pool::Risk;
 use crate::retry::{self, Cause, Decision, Facts, Outcome};
 use crate::upstream::UpstreamConn;
@@ -29,7 +30,7 @@ pub(super) async fn exchange(
     client: Client,
     entry: &mut Entry,
     retries: &mut Vec<Cause>,
-) -> Result<(Response<()>, Lease, Instant), (Failure, Decision)> {
+) -> Result<(Response<()>, Hop, Lease, Instant), (Failure, Decision)> {
     let replay = body.replay();
     let idempotent = retry::is_idempotent(&head.method, &head.headers);
     let mut facts = Facts {
@@ -105,7 +106,7 @@ pub(super) async fn exchange(
                 };
                 let outcome = send(lease.conn_mut(), head, req, timeouts, reused).await;
                 match outcome {
-                    Ok(resp) => {
+                    Ok((resp, hop)) => {
                         let (latency, now) = (attempt_start.elapsed(), Instant::now());
                         group.server_answered(server, addr, latency, now);
                         let status = resp.status().as_u16();
@@ -122,7 +123,7 @@ pub(super) async fn exchange(
                                 server = group.next_server(server, Instant::now());
                                 continue;
                             }
-                            _ => return Ok((resp, lease, attempt_start)),
+                            _ => return Ok((resp, hop, lease, attempt_start)),
                         }
                     }
                     Err((failure, returned)) => {
@@ -230,7 +231,7 @@ async fn send(
     body: RequestBody,
     timeouts: Timeouts,
     reused: bool,
-) -> Result<Response<()>, (Failure, Returned)> {
+) -> Result<(Response<()>, Hop), (Failure, Returned)> {
     let Timeouts {
         read,
         send: send_timeout,

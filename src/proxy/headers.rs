@@ -1,102 +1,19 @@
-//! Header rules at the proxy boundary: hop-by-hop removal both ways, Host, X-Forwarded-*,
-//! X-Request-Id.
+//! Header rules on a request's way upstream: hop-by-hop removal, Host, X-Forwarded-*,
+//! X-Request-Id. A response's hop-by-hop lines never reach its map ([`crate::hop::Hop`]).
 
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
 use bytes::Bytes;
 
-use http::Version;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
-/// Hop-by-hop headers that never cross the proxy, besides those listed in `Connection`.
-/// A static, not a const: a const is built anew, and dropped, wherever it is named.
-static HOP_BY_HOP: [HeaderName; 9] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-];
+use crate::hop::{CONNECTION, HOP_BY_HOP};
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-
-/// Whether a message's `Connection` header carries `token` (case-insensitive).
-pub fn connection_has(headers: &HeaderMap, token: &str) -> bool {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
-}
-
-/// Whether the peer that sent these headers wants the connection kept open afterwards.
-pub fn wants_keep_alive(version: Version, headers: &HeaderMap) -> bool {
-    match version {
-        Version::HTTP_11 => !connection_has(headers, "close"),
-        Version::HTTP_10 => {
-            connection_has(headers, "keep-alive") && !connection_has(headers, "close")
-        }
-        _ => false,
-    }
-}
-
-/// The upstream's `Keep-Alive: timeout=N, max=M` hint: seconds it keeps an idle connection,
-/// and requests it will still take on this one. Unknown parameters are ignored.
-pub fn keep_alive_hint(headers: &HeaderMap) -> (Option<u64>, Option<u64>) {
-    let mut timeout = None;
-    let mut max = None;
-    let params = headers
-        .get_all(HeaderName::from_static("keep-alive"))
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','));
-    for param in params {
-        let Some((key, value)) = param.split_once('=') else {
-            continue;
-        };
-        let value = value.trim().trim_matches('"').parse::<u64>().ok();
-        match key.trim() {
-            k if k.eq_ignore_ascii_case("timeout") => timeout = value,
-            k if k.eq_ignore_ascii_case("max") => max = value,
-            _ => {}
-        }
-    }
-    (timeout, max)
-}
-
-/// What a response head says about its connection: whether the upstream keeps it open, and
-/// its `Keep-Alive` hint (read only when `read_hint`). The hop-by-hop headers are removed on
-/// the way, all in one scan of the names, so a head without `Connection` or `Keep-Alive`
-/// costs no lookup of either.
-pub fn from_upstream(
-    version: Version,
-    headers: &mut HeaderMap,
-    read_hint: bool,
-) -> (bool, (Option<u64>, Option<u64>)) {
-    let seen = Seen::scan(headers);
-    let listed = |token| seen.hop_by_hop[0] && connection_has(headers, token);
-    let keep_alive = match version {
-        Version::HTTP_11 => !listed("close"),
-        Version::HTTP_10 => listed("keep-alive") && !listed("close"),
-        _ => false,
-    };
-    let hint = if read_hint && seen.hop_by_hop[1] {
-        keep_alive_hint(headers)
-    } else {
-        (None, None)
-    };
-    remove_seen_hop_by_hop(headers, &seen);
-    (keep_alive, hint)
-}
 
 /// Which of the headers kaguard removes or rewrites a message carries, found in one pass
 /// comparing names (an integer compare for standard names). Most messages carry none of
@@ -134,7 +51,7 @@ impl Seen {
 }
 
 fn remove_seen_hop_by_hop(headers: &mut HeaderMap, seen: &Seen) {
-    if seen.hop_by_hop[0] {
+    if seen.hop_by_hop[CONNECTION] {
         let listed: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
@@ -204,7 +121,7 @@ pub fn to_upstream(headers: &mut HeaderMap, fwd: &Forwarded<'_>, reuse: bool) ->
     if let Some(host) = fwd.host {
         // The client's own single Host line is the routed host already, unless `Connection`
         // listed it and it was removed with the hop-by-hop headers.
-        if fwd.host_from_target || seen.hosts != 1 || seen.hop_by_hop[0] {
+        if fwd.host_from_target || seen.hosts != 1 || seen.hop_by_hop[CONNECTION] {
             headers.insert(header::HOST, host.clone());
         }
         headers.insert(X_FORWARDED_HOST, host.clone());
@@ -263,6 +180,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+    use crate::hop::tests::map;
 
     proptest! {
         #[test]
@@ -273,38 +191,6 @@ mod tests {
                 prop_assert_eq!(text, format!("x, {ip}"));
             }
         }
-    }
-
-    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.append(
-                HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                HeaderValue::from_str(v).unwrap(),
-            );
-        }
-        h
-    }
-
-    #[test]
-    fn hop_by_hop_and_connection_listed_headers_are_removed() {
-        let mut h = map(&[
-            ("connection", "close, x-secret"),
-            ("x-secret", "1"),
-            ("keep-alive", "timeout=5"),
-            ("proxy-connection", "keep-alive"),
-            ("te", "trailers"),
-            ("trailer", "x"),
-            ("transfer-encoding", "chunked"),
-            ("upgrade", "websocket"),
-            ("proxy-authorization", "basic x"),
-            ("proxy-authenticate", "basic"),
-            ("x-kept", "yes"),
-        ]);
-        let intent = from_upstream(Version::HTTP_11, &mut h, true);
-        assert_eq!(intent, (false, (Some(5), None)));
-        assert_eq!(h.len(), 1, "{h:?}");
-        assert_eq!(h["x-kept"], "yes");
     }
 
     #[test]
@@ -358,56 +244,5 @@ mod tests {
         assert_eq!(id.len(), 32);
         assert_eq!(h["x-request-id"], id);
         assert_eq!(h["connection"], "close");
-    }
-
-    #[test]
-    fn keep_alive_hint_is_parsed() {
-        assert_eq!(
-            keep_alive_hint(&map(&[("keep-alive", "timeout=5, max=99")])),
-            (Some(5), Some(99))
-        );
-        assert_eq!(
-            keep_alive_hint(&map(&[("keep-alive", "Timeout=0")])),
-            (Some(0), None)
-        );
-        assert_eq!(
-            keep_alive_hint(&map(&[("keep-alive", "foo")])),
-            (None, None)
-        );
-        assert_eq!(keep_alive_hint(&HeaderMap::new()), (None, None));
-    }
-
-    #[test]
-    fn a_response_says_what_the_request_rules_say_and_its_hint_only_when_asked() {
-        let heads = [
-            map(&[]),
-            map(&[("connection", "Close")]),
-            map(&[("connection", "keep-alive"), ("keep-alive", "timeout=3")]),
-            map(&[("connection", "keep-alive, close")]),
-        ];
-        for version in [Version::HTTP_10, Version::HTTP_11] {
-            for head in &heads {
-                let expected = (wants_keep_alive(version, head), keep_alive_hint(head));
-                for read_hint in [true, false] {
-                    let got = from_upstream(version, &mut head.clone(), read_hint);
-                    let hint = if read_hint { expected.1 } else { (None, None) };
-                    assert_eq!(got, (expected.0, hint), "{version:?} {head:?}");
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn keep_alive_intent_follows_version_rules() {
-        assert!(wants_keep_alive(Version::HTTP_11, &HeaderMap::new()));
-        assert!(!wants_keep_alive(
-            Version::HTTP_11,
-            &map(&[("connection", "Close")])
-        ));
-        assert!(!wants_keep_alive(Version::HTTP_10, &HeaderMap::new()));
-        assert!(wants_keep_alive(
-            Version::HTTP_10,
-            &map(&[("connection", "keep-alive")])
-        ));
     }
 }

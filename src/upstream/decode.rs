@@ -5,6 +5,8 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Response, StatusCode, Version};
 
+use crate::hop::Hop;
+
 /// Most header lines a response head may carry: hyper's default limit, which kaguard's
 /// upstreams met before it read responses itself. More is refused, never truncated.
 const MAX_HEADERS: usize = 100;
@@ -37,7 +39,9 @@ pub(super) enum Framing {
 /// A final response head, with what it says about its body and its connection.
 #[derive(Debug)]
 pub(super) struct Head {
+    /// Without its hop-by-hop lines: what they said is in `hop`.
     pub(super) response: Response<()>,
+    pub(super) hop: Hop,
     pub(super) framing: Framing,
     /// The connection cannot carry another exchange after this one, whatever the headers
     /// say about keep-alive: the body ends with the close, or its framing was ambiguous.
@@ -66,12 +70,18 @@ pub(super) fn head(
         let bytes = buf.split_to(len).freeze();
         let mut headers = HeaderMap::with_capacity(spans.len());
         let mut lines = Lines::default();
+        let mut hop = Hop::default();
         for &(name, value) in spans.iter() {
             let name = HeaderName::from_bytes(&bytes[name.0..name.1]).map_err(|_| Invalid)?;
             let value = HeaderValue::from_maybe_shared(bytes.slice(value.0..value.1))
                 .map_err(|_| Invalid)?;
             lines.note(&name, &value)?;
-            headers.append(name, value);
+            if !hop.note(&name, &value) {
+                headers.append(name, value);
+            }
+        }
+        for name in &hop.listed {
+            headers.remove(name);
         }
         let status = StatusCode::from_u16(code).map_err(|_| Invalid)?;
         let (framing, last) = lines.framing(code, head_request);
@@ -86,6 +96,7 @@ pub(super) fn head(
         *response.headers_mut() = headers;
         return Ok(Some(Head {
             response,
+            hop,
             framing,
             last,
         }));

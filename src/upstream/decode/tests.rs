@@ -25,6 +25,23 @@ fn a_head_leaves_its_body_in_the_buffer() {
 }
 
 #[test]
+fn hop_by_hop_lines_stay_out_of_the_map_and_say_what_they_say() {
+    let (head, _) = whole(
+        b"HTTP/1.1 200 OK\r\nX-Secret: 1\r\nConnection: keep-alive, x-secret\r\n\
+          Keep-Alive: timeout=5, max=7\r\nTransfer-Encoding: chunked\r\nX-Kept: yes\r\n\
+          Upgrade: h2c\r\n\r\n",
+    );
+    let names: Vec<_> = head.response.headers().keys().map(|n| n.as_str()).collect();
+    assert_eq!(names, ["x-kept"]);
+    assert!(head.hop.keep_alive && !head.hop.close);
+    assert_eq!((head.hop.timeout, head.hop.max), (Some(5), Some(7)));
+    assert_eq!(head.framing, Framing::Chunked(Chunked::Size));
+    let (head, _) = whole(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n");
+    assert!(head.hop.close && !head.hop.keeps_alive(Version::HTTP_11));
+    assert_eq!(head.response.headers().len(), 1);
+}
+
+#[test]
 fn interim_responses_are_skipped() {
     let (head, rest) = whole(
         b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n\
