@@ -8,6 +8,8 @@
 //! - [`resolve`]: server names to addresses, again and again, for servers DNS moves.
 //! - [`tools`]: `kaguard upstream` and the other helper subcommands.
 
+#![forbid(unsafe_code)]
+
 pub mod access_log;
 pub mod admin;
 pub mod balance;

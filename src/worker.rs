@@ -1,4 +1,4 @@
-//! Which worker thread runs the current code.
+//! Which worker thread runs the current code, and when a worker has gone quiet.
 //!
 //! `kaguard run` gives each worker thread its own single-threaded runtime, and a client
 //! connection, its requests and the upstream connections they open all stay on the worker that
@@ -7,6 +7,7 @@
 //! [`crate::pool::Pool::checkout_prefer`]).
 
 use std::cell::Cell;
+use std::time::Duration;
 
 thread_local! {
     static CURRENT: Cell<usize> = const { Cell::new(0) };
@@ -21,4 +22,61 @@ pub fn current() -> usize {
 /// Marks this thread as worker `index`.
 pub fn set(index: usize) {
     CURRENT.with(|c| c.set(index));
+}
+
+/// How often a worker looks at whether it has gone quiet: a reading of a counter tokio keeps.
+const QUIET_CHECK: Duration = Duration::from_millis(250);
+
+/// Busy time in one [`QUIET_CHECK`] below which a worker counts as quiet: 1 % of its thread.
+const QUIET_BUSY: Duration = Duration::from_micros(2_500);
+
+/// Busy time since the last release below which another is not worth its cost: a worker with
+/// a trickle of requests would otherwise hand memory back and fault it in again all day.
+const WORK_SINCE_RELEASE: Duration = Duration::from_millis(50);
+
+/// Calls `release` on this worker's thread each time the worker goes quiet after work, so that
+/// memory freed by a burst (the buffers of connections now parked, say) goes back to the
+/// system while the server idles. A busy worker is never interrupted. Runs for as long as the
+/// runtime does; the runtime must have one worker thread, as `kaguard run`'s have.
+pub async fn release_when_quiet(release: impl Fn()) {
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let busy = || metrics.worker_total_busy_duration(0);
+    let mut tick = tokio::time::interval(QUIET_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (mut last, mut at_release) = (busy(), busy());
+    loop {
+        tick.tick().await;
+        let now = busy();
+        if went_quiet(last, now, at_release) {
+            release();
+            at_release = busy();
+        }
+        last = now;
+    }
+}
+
+/// Whether a worker busy for `last` and then `now` in all has gone quiet after work since it
+/// was busy for `at_release` at the last release.
+fn went_quiet(last: Duration, now: Duration, at_release: Duration) -> bool {
+    now.saturating_sub(last) < QUIET_BUSY && now.saturating_sub(at_release) >= WORK_SINCE_RELEASE
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn memory_is_released_once_a_worker_goes_quiet_after_work() {
+        // Busy through the last check: not yet.
+        assert!(!went_quiet(100 * MS, 300 * MS, Duration::ZERO));
+        // Quiet now, after 300 ms of work since the last release.
+        assert!(went_quiet(300 * MS, 301 * MS, Duration::ZERO));
+        // Quiet, and nothing worth a release happened since the last one.
+        assert!(!went_quiet(301 * MS, 302 * MS, 300 * MS));
+        // A trickle of work adds up to another release, once quiet.
+        assert!(!went_quiet(349 * MS, 352 * MS, 300 * MS));
+        assert!(went_quiet(352 * MS, 353 * MS, 300 * MS));
+    }
 }
