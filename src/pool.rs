@@ -243,7 +243,7 @@ impl<C> Pool<C> {
     /// Learns from a close seen while a connection sat idle since `since`. A close from before
     /// it was pooled (its last response was delimited by the close) says nothing about
     /// the upstream's idle timeout or request cap.
-    fn learn_from_close(&mut self, meta: &ConnMeta, since: Instant, closed: Liveness) {
+    pub fn learn_from_close(&mut self, meta: &ConnMeta, since: Instant, closed: Liveness) {
         if let Liveness::Closed { at, exact } = closed
             && at > since
         {
