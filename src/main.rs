@@ -230,8 +230,10 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// The one `unsafe` of the project: the mimalloc crate does not expose this call.
 #[allow(unsafe_code)]
 fn release_free_memory() {
-    // SAFETY: `mi_collect` takes no pointer and reads no caller state; it walks the calling
-    // thread's own heap, which mimalloc serves as the global allocator, and may be called
-    // from any thread at any time.
+    // SAFETY: `mi_collect` takes no pointer and reads no caller state. `libmimalloc-sys`
+    // declares `links = "mimalloc"`, so the allocator it reaches is the one instance that
+    // serves `ALLOC`. It walks the calling thread's own heap, then, forced, collects abandoned
+    // segments and purges the arenas under mimalloc's own locks: callable from any thread at
+    // any time.
     unsafe { libmimalloc_sys::mi_collect(true) }
 }

@@ -110,6 +110,15 @@ pub enum Event {
         server: usize,
         change: Change,
     },
+    /// A close the learner was taught, for the caller to teach the learners of other pools
+    /// of the same servers ([`Pool::replay_close`]), so that they all know the same.
+    Observed {
+        server: usize,
+        requests: u64,
+        idle_for: Duration,
+        at: Instant,
+        exact: bool,
+    },
 }
 
 /// A connection handed out by [`Pool::checkout`].
@@ -230,6 +239,13 @@ impl<C> Pool<C> {
         if !self.guards.learn {
             return;
         }
+        self.events.push(Event::Observed {
+            server: meta.server,
+            requests: meta.requests,
+            idle_for,
+            at,
+            exact,
+        });
         if let Some(change) =
             self.learners[meta.server].observe_close(idle_for, meta.requests, at, exact)
         {
@@ -237,6 +253,24 @@ impl<C> Pool<C> {
                 server: meta.server,
                 change,
             });
+        }
+    }
+
+    /// Teaches this pool's learner a close another pool of the same servers observed (an
+    /// [`Event::Observed`]). What it learns is not reported again: the pool that saw the
+    /// close reported it.
+    pub fn replay_close(
+        &mut self,
+        server: usize,
+        requests: u64,
+        idle_for: Duration,
+        at: Instant,
+        exact: bool,
+    ) {
+        if self.guards.learn
+            && let Some(learner) = self.learners.get_mut(server)
+        {
+            learner.observe_close(idle_for, requests, at, exact);
         }
     }
 
@@ -260,62 +294,8 @@ impl<C> Pool<C> {
         server: usize,
         now: Instant,
         risk: Risk,
-        alive: impl FnMut(&C) -> Liveness,
-        closed: impl FnMut(C, ConnMeta, Reason),
-    ) -> Option<Reused<C>> {
-        self.checkout_prefer(server, None, now, risk, alive, closed)
-    }
-
-    /// [`Pool::checkout`], lending a connection of `worker` if one is fit, and one of another
-    /// worker only if none is: a connection driven by another thread costs a cross-thread
-    /// wake-up at each step of the exchange.
-    pub fn checkout_prefer(
-        &mut self,
-        server: usize,
-        worker: Option<usize>,
-        now: Instant,
-        risk: Risk,
         mut alive: impl FnMut(&C) -> Liveness,
         mut closed: impl FnMut(C, ConnMeta, Reason),
-    ) -> Option<Reused<C>> {
-        let mut others = false;
-        if let Some(worker) = worker {
-            let found = self.scan(
-                server,
-                Some(worker),
-                &mut others,
-                now,
-                risk,
-                &mut alive,
-                &mut closed,
-            );
-            if found.is_some() || !others {
-                return found;
-            }
-        }
-        self.scan(
-            server,
-            None,
-            &mut others,
-            now,
-            risk,
-            &mut alive,
-            &mut closed,
-        )
-    }
-
-    /// One pass of checkout over the idle list, from the most recently used: connections of
-    /// `server` (and of worker `only`, if given; `others` notes that some were skipped).
-    #[allow(clippy::too_many_arguments)]
-    fn scan(
-        &mut self,
-        server: usize,
-        only: Option<usize>,
-        others: &mut bool,
-        now: Instant,
-        risk: Risk,
-        alive: &mut impl FnMut(&C) -> Liveness,
-        closed: &mut impl FnMut(C, ConnMeta, Reason),
     ) -> Option<Reused<C>> {
         let careful = risk == Risk::MustNotRetry && self.guards.risk_aware_checkout;
         let mut at = self.idle.len();
@@ -323,10 +303,6 @@ impl<C> Pool<C> {
             at -= 1;
             let entry = &self.idle[at];
             if entry.meta.server != server {
-                continue;
-            }
-            if only.is_some_and(|w| w != entry.meta.worker) {
-                *others = true;
                 continue;
             }
             let budget = self.budget(&entry.meta, now);

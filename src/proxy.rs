@@ -58,7 +58,7 @@ impl Proxy {
         let groups: Vec<Arc<Group>> = config
             .upstreams
             .iter()
-            .map(|g| Arc::new(Group::new(g, &metrics)))
+            .map(|g| Arc::new(Group::with_workers(g, &metrics, config.workers)))
             .collect();
         Proxy {
             groups,

@@ -2,9 +2,9 @@
 //!
 //! `kaguard run` gives each worker thread its own single-threaded runtime, and a client
 //! connection, its requests and the upstream connections they open all stay on the worker that
-//! accepted it: a wake-up never crosses threads on the request path. The pool, shared by the
-//! workers, lends a request a connection of its own worker first (see
-//! [`crate::pool::Pool::checkout_prefer`]).
+//! accepted it: a wake-up never crosses threads on the request path. Each upstream group keeps
+//! a pool per worker, and lends a request another worker's connection only when its own has
+//! none (see [`crate::proxy::group::Group`]).
 
 use std::cell::Cell;
 use std::time::Duration;
@@ -24,10 +24,13 @@ pub fn set(index: usize) {
     CURRENT.with(|c| c.set(index));
 }
 
-/// How often a worker looks at whether it has gone quiet: a reading of a counter tokio keeps.
+/// How often a worker looks at whether it has gone quiet. A look reads a counter tokio keeps,
+/// so it may be often; memory a burst freed goes back within about twice this after the
+/// burst, inside the second that `bench/idle.sh` waits before it reads.
 const QUIET_CHECK: Duration = Duration::from_millis(250);
 
-/// Busy time in one [`QUIET_CHECK`] below which a worker counts as quiet: 1 % of its thread.
+/// Busy time in one [`QUIET_CHECK`] below which a worker counts as quiet: 1 % of its thread,
+/// above what the reapers' and health checks' timers cost an idle worker, far below any load.
 const QUIET_BUSY: Duration = Duration::from_micros(2_500);
 
 /// Busy time since the last release below which another is not worth its cost: a worker with
@@ -36,7 +39,8 @@ const WORK_SINCE_RELEASE: Duration = Duration::from_millis(50);
 
 /// Calls `release` on this worker's thread each time the worker goes quiet after work, so that
 /// memory freed by a burst (the buffers of connections now parked, say) goes back to the
-/// system while the server idles. A busy worker is never interrupted. Runs for as long as the
+/// system while the server idles. A busy worker is never interrupted; a release may hand back
+/// memory other workers freed too, as mimalloc's arenas are shared. Runs for as long as the
 /// runtime does; the runtime must have one worker thread, as `kaguard run`'s have.
 pub async fn release_when_quiet(release: impl Fn()) {
     let metrics = tokio::runtime::Handle::current().metrics();

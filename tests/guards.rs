@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use kaguard::config::{Config, Guards, OnUnretryable, RetryOn};
 use kaguard::metrics::Metrics;
 use kaguard::pool::Risk;
-use kaguard::proxy::body::RequestBody;
 use kaguard::proxy::group::Group;
 use kaguard::tools::upstream::Behaviour;
 use support::*;
@@ -26,28 +25,6 @@ fn closed_series(up: std::net::SocketAddr, reason: &str) -> String {
     format!(
         r#"kaguard_upstream_connections_closed_total{{upstream="default",server="{up}",reason="{reason}"}}"#
     )
-}
-
-/// Pools one connection to `up` through `group`, returning once its response was read.
-async fn pool_one(group: &Arc<Group>) {
-    let mut lease = group
-        .connect(0, group.server_addr(0))
-        .await
-        .expect("connects");
-    lease.meta.requests += 1;
-    let mut headers = http::HeaderMap::new();
-    headers.insert("host", http::HeaderValue::from_static("t"));
-    lease
-        .conn_mut()
-        .round_trip(
-            &http::Method::GET,
-            &http::Uri::from_static("/"),
-            &headers,
-            RequestBody::empty(),
-        )
-        .await
-        .expect("a whole response");
-    lease.release(true, true, Instant::now());
 }
 
 /// The upstream closes an idle pooled connection while kaguard's thread is busy, so the

@@ -4,8 +4,11 @@
 mod support;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use kaguard::metrics::Metrics;
+use kaguard::pool::Risk;
+use kaguard::proxy::group::Group;
 use kaguard::resolve::System;
 use kaguard::tools::upstream::Behaviour;
 use support::*;
@@ -59,4 +62,44 @@ async fn every_worker_serves_and_shutdown_drains_them_all() {
         tokio::net::TcpStream::connect(addr).await.is_err(),
         "a worker still accepts after shutdown"
     );
+}
+
+/// Each worker has a pool of its own: a request is lent its own worker's connection first,
+/// and another worker's when its own has none, and what one worker's pool learns from an
+/// upstream's close, every pool knows.
+#[tokio::test(flavor = "current_thread")]
+async fn a_worker_lends_its_own_connections_first_and_the_others_when_it_has_none() {
+    let up = upstream(Behaviour {
+        idle_timeout: Some(Duration::from_millis(100)),
+        ..Behaviour::default()
+    })
+    .await;
+    let cfg = config(&[up.addr()]);
+    let group = Arc::new(Group::with_workers(&cfg.upstreams[0], &Metrics::new(), 2));
+    // This test's one thread plays worker 1, then worker 0.
+    kaguard::worker::set(1);
+    let theirs = pool_one(&group).await;
+    kaguard::worker::set(0);
+    let mine = pool_one(&group).await;
+    let checkout = || group.checkout(0, Instant::now(), Risk::Retryable);
+    let own = checkout().expect("its own connection");
+    let borrowed = checkout().expect("the other worker's");
+    assert_eq!((own.meta.id, borrowed.meta.id), (mine, theirs));
+    assert!(checkout().is_none());
+    drop((own, borrowed));
+
+    // Worker 1's connection is closed by the upstream while idle; its pool learns the
+    // upstream's idle timeout, and worker 0's pool stops lending connections idle as long.
+    kaguard::worker::set(1);
+    pool_one(&group).await;
+    kaguard::worker::set(0);
+    let reaper = tokio::spawn(kaguard::proxy::group::reap(Arc::downgrade(&group)));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    pool_one(&group).await;
+    tokio::time::sleep(Duration::from_millis(90)).await;
+    assert!(
+        checkout().is_none(),
+        "idle 90 ms, past the 80 ms budget learned from the other worker's close"
+    );
+    reaper.abort();
 }

@@ -68,32 +68,6 @@ fn checkout_prefers_most_recently_used_of_that_server() {
 }
 
 #[test]
-fn checkout_prefers_a_connection_of_the_same_worker() {
-    let t0 = Instant::now();
-    let mut pool = pool(ALL);
-    for (id, worker) in [(1, 0), (2, 1), (3, 0)] {
-        let m = ConnMeta {
-            worker,
-            ..meta(id, 0, t0)
-        };
-        pool.checkin(id, m, DONE, t0 + MS * id as u32, keep);
-    }
-    let now = t0 + 10 * MS;
-    let take = |pool: &mut Pool<u64>, worker| {
-        pool.checkout_prefer(0, Some(worker), now, Risk::Retryable, alive, keep)
-            .map(|r| r.conn)
-    };
-    assert_eq!(
-        take(&mut pool, 1),
-        Some(2),
-        "its own, though not the most recent"
-    );
-    assert_eq!(take(&mut pool, 1), Some(3), "none of its own left: any");
-    assert_eq!(take(&mut pool, 0), Some(1));
-    assert_eq!(take(&mut pool, 0), None);
-}
-
-#[test]
 fn idle_list_never_holds_more_than_keepalive() {
     let t0 = Instant::now();
     let mut pool = pool(ALL);
@@ -154,6 +128,47 @@ fn connection_found_closed_at_checkout_is_skipped_and_teaches_the_idle_timeout()
         server: 0,
         idle_for: 59 * MS
     }));
+}
+
+#[test]
+fn a_close_replayed_into_another_pool_teaches_it_the_same_and_is_reported_once() {
+    let t0 = Instant::now();
+    let (mut seen, mut told) = (pool(ALL), pool(ALL));
+    // Every close one pool sees, replayed into the other, leaves both knowing the same.
+    for (id, idle) in [(1, 59 * MS), (2, 70 * MS), (3, 59 * MS)] {
+        let at = t0 + 200 * MS * id as u32;
+        seen.observe_close(&meta(id, 0, t0), idle, at, true);
+        for event in seen.take_events() {
+            if let Event::Observed {
+                server,
+                requests,
+                idle_for,
+                at,
+                exact,
+            } = event
+            {
+                told.replay_close(server, requests, idle_for, at, exact);
+            }
+        }
+        let now = at + MS;
+        assert_eq!(
+            told.learned(0, now),
+            seen.learned(0, now),
+            "after close {id}"
+        );
+    }
+    assert_eq!(
+        told.learned(0, t0 + Duration::from_secs(1)).0,
+        Some(39 * MS)
+    );
+    assert!(
+        told.take_events().is_empty(),
+        "the pool that saw it reports it"
+    );
+    // A pool that does not learn is taught nothing.
+    let mut deaf = pool(NONE);
+    deaf.replay_close(0, 1, 59 * MS, t0, true);
+    assert_eq!(deaf.learned(0, t0 + MS), (None, None));
 }
 
 #[test]

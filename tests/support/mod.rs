@@ -17,6 +17,31 @@ use kaguard::tools::upstream::{Behaviour, TestUpstream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+/// Opens a connection of `group` to its first server, makes one exchange on it and returns
+/// it to the pool; returns the connection's id.
+pub async fn pool_one(group: &std::sync::Arc<kaguard::proxy::group::Group>) -> u64 {
+    let mut lease = group
+        .connect(0, group.server_addr(0))
+        .await
+        .expect("connects");
+    lease.meta.requests += 1;
+    let mut headers = http::HeaderMap::new();
+    headers.insert("host", http::HeaderValue::from_static("t"));
+    lease
+        .conn_mut()
+        .round_trip(
+            &http::Method::GET,
+            &http::Uri::from_static("/"),
+            &headers,
+            kaguard::proxy::body::RequestBody::empty(),
+        )
+        .await
+        .expect("a whole response");
+    let id = lease.meta.id;
+    lease.release(true, true, std::time::Instant::now());
+    id
+}
+
 /// Every wait in the tests is bounded by this; generous because CI has two busy cores.
 pub const PATIENCE: Duration = Duration::from_secs(10);
 
