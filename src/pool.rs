@@ -112,13 +112,18 @@ pub enum Event {
     },
     /// A close the learner was taught, for the caller to teach the learners of other pools
     /// of the same servers ([`Pool::replay_close`]), so that they all know the same.
-    Observed {
-        server: usize,
-        requests: u64,
-        idle_for: Duration,
-        at: Instant,
-        exact: bool,
-    },
+    Observed(Observation),
+}
+
+/// A close of an idle connection, as a learner is taught it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Observation {
+    pub server: usize,
+    /// Requests the connection had carried.
+    pub requests: u64,
+    pub idle_for: Duration,
+    pub at: Instant,
+    pub exact: bool,
 }
 
 /// A connection handed out by [`Pool::checkout`].
@@ -239,13 +244,13 @@ impl<C> Pool<C> {
         if !self.guards.learn {
             return;
         }
-        self.events.push(Event::Observed {
+        self.events.push(Event::Observed(Observation {
             server: meta.server,
             requests: meta.requests,
             idle_for,
             at,
             exact,
-        });
+        }));
         if let Some(change) =
             self.learners[meta.server].observe_close(idle_for, meta.requests, at, exact)
         {
@@ -259,18 +264,11 @@ impl<C> Pool<C> {
     /// Teaches this pool's learner a close another pool of the same servers observed (an
     /// [`Event::Observed`]). What it learns is not reported again: the pool that saw the
     /// close reported it.
-    pub fn replay_close(
-        &mut self,
-        server: usize,
-        requests: u64,
-        idle_for: Duration,
-        at: Instant,
-        exact: bool,
-    ) {
+    pub fn replay_close(&mut self, seen: &Observation) {
         if self.guards.learn
-            && let Some(learner) = self.learners.get_mut(server)
+            && let Some(learner) = self.learners.get_mut(seen.server)
         {
-            learner.observe_close(idle_for, requests, at, exact);
+            learner.observe_close(seen.idle_for, seen.requests, seen.at, seen.exact);
         }
     }
 

@@ -139,15 +139,8 @@ fn a_close_replayed_into_another_pool_teaches_it_the_same_and_is_reported_once()
         let at = t0 + 200 * MS * id as u32;
         seen.observe_close(&meta(id, 0, t0), idle, at, true);
         for event in seen.take_events() {
-            if let Event::Observed {
-                server,
-                requests,
-                idle_for,
-                at,
-                exact,
-            } = event
-            {
-                told.replay_close(server, requests, idle_for, at, exact);
+            if let Event::Observed(close) = event {
+                told.replay_close(&close);
             }
         }
         let now = at + MS;
@@ -167,7 +160,13 @@ fn a_close_replayed_into_another_pool_teaches_it_the_same_and_is_reported_once()
     );
     // A pool that does not learn is taught nothing.
     let mut deaf = pool(NONE);
-    deaf.replay_close(0, 1, 59 * MS, t0, true);
+    deaf.replay_close(&Observation {
+        server: 0,
+        requests: 1,
+        idle_for: 59 * MS,
+        at: t0,
+        exact: true,
+    });
     assert_eq!(deaf.learned(0, t0 + MS), (None, None));
 }
 

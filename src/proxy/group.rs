@@ -278,17 +278,9 @@ impl Group {
     }
 
     fn report(&self, shard: usize, event: Event) {
-        if let Event::Observed {
-            server,
-            requests,
-            idle_for,
-            at,
-            exact,
-        } = event
-        {
+        if let Event::Observed(seen) = event {
             for other in (0..self.pools.len()).filter(|&s| s != shard) {
-                self.lock(other)
-                    .replay_close(server, requests, idle_for, at, exact);
+                self.lock(other).replay_close(&seen);
             }
             return;
         }
@@ -344,7 +336,7 @@ impl Group {
                     self.servers.addr(server),
                 );
             }
-            Event::Observed { .. } => {}
+            Event::Observed(_) => {}
         }
     }
 
