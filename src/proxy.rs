@@ -138,12 +138,13 @@ impl Proxy {
             host: host.as_ref(),
             host_from_target: parts.uri.authority().is_some(),
         };
-        let request_id = headers::to_upstream(&mut parts.headers, &fwd, group.reuse());
+        let (request_id, added) = headers::to_upstream(&mut parts.headers, &fwd, group.reuse());
         entry.request_id = Some(request_id);
         let head = Head {
             method: parts.method,
             uri: origin_form(&parts.uri),
             headers: parts.headers,
+            added,
         };
 
         let body = match RequestBody::prefetch(

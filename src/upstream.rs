@@ -23,6 +23,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
+use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Response, Uri};
 use hyper::body::{Frame, SizeHint};
 use tokio::io::AsyncWrite;
@@ -229,9 +230,18 @@ impl UpstreamConn {
     }
 
     /// Queues a request; [`UpstreamConn::poll_response`] sends it.
-    pub fn start(&mut self, method: &Method, uri: &Uri, headers: &HeaderMap, body: RequestBody) {
+    /// Queues a request: its head is `headers`, then the lines of `added`.
+    pub fn start(
+        &mut self,
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        added: &[(HeaderName, HeaderValue)],
+        body: RequestBody,
+    ) {
         debug_assert!(matches!(self.reading, Reading::Idle));
-        self.sending = encode::request(method, uri, headers, body, &mut self.out).map(Box::new);
+        self.sending =
+            encode::request(method, uri, headers, added, body, &mut self.out).map(Box::new);
         self.reading = Reading::Head {
             head_request: method == Method::HEAD,
         };
@@ -327,7 +337,7 @@ impl UpstreamConn {
         headers: &HeaderMap,
         body: RequestBody,
     ) -> Result<(Response<()>, Bytes), ConnError> {
-        self.start(method, uri, headers, body);
+        self.start(method, uri, headers, &[], body);
         let (response, _) = std::future::poll_fn(|cx| self.poll_response(cx)).await?;
         let mut body = BytesMut::new();
         while let Some(frame) = std::future::poll_fn(|cx| self.poll_frame(cx)).await {

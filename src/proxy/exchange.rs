@@ -207,6 +207,8 @@ pub(super) struct Head {
     pub(super) method: Method,
     pub(super) uri: Uri,
     pub(super) headers: HeaderMap,
+    /// Lines written after `headers` (see [`super::headers::Added`]).
+    pub(super) added: super::headers::Added,
 }
 
 /// Waits before a policy retry: full jitter below `base * 2^(n-1)`, capped at `max`, so
@@ -242,7 +244,7 @@ async fn send(
         return Err((Failure::NotSent { reused }, Some(body)));
     }
     let mark = conn.mark();
-    conn.start(&head.method, &head.uri, &head.headers, body);
+    conn.start(&head.method, &head.uri, &head.headers, &head.added, body);
     let try_deadline = per_try.map(|t| sent_at + t);
     loop {
         // The timer is set before the first write, and the sending may end before it

@@ -24,6 +24,8 @@ struct Seen {
     hop_by_hop: [bool; 9],
     expect: bool,
     forwarded_for: bool,
+    forwarded_proto: bool,
+    forwarded_host: bool,
     request_id: bool,
     /// Host lines: one is left as it is; none or several are replaced by the routed host.
     hosts: usize,
@@ -42,6 +44,10 @@ impl Seen {
                 seen.expect = true;
             } else if name == X_FORWARDED_FOR {
                 seen.forwarded_for = true;
+            } else if name == X_FORWARDED_PROTO {
+                seen.forwarded_proto = true;
+            } else if name == X_FORWARDED_HOST {
+                seen.forwarded_host = true;
             } else if name == X_REQUEST_ID {
                 seen.request_id = true;
             }
@@ -84,16 +90,25 @@ pub struct Forwarded<'a> {
     pub host_from_target: bool,
 }
 
-/// Headers a request gains on its way upstream: X-Forwarded-For, -Proto and -Host, X-Request-Id
-/// when the client sent none, Host, and `Connection: close`. Reserved at once, so the map
-/// grows once at most.
-const ADDED: usize = 6;
+/// Header lines a request gains on its way upstream, written after the client's own by the
+/// encoder: inserted into the client's map, each would cost a hashed lookup and could grow
+/// the map, on every request.
+pub type Added = Vec<(HeaderName, HeaderValue)>;
 
-/// Turns a client's request headers into the upstream's. Returns the request id.
-pub fn to_upstream(headers: &mut HeaderMap, fwd: &Forwarded<'_>, reuse: bool) -> HeaderValue {
+/// Room for every line a request may gain: X-Forwarded-For, -Proto and -Host, X-Request-Id
+/// when the client sent none, and `Connection: close`.
+const ADDED: usize = 5;
+
+/// Turns a client's request headers into the upstream's: the map loses what must not go on,
+/// and the lines it gains are returned with the request id.
+pub fn to_upstream(
+    headers: &mut HeaderMap,
+    fwd: &Forwarded<'_>,
+    reuse: bool,
+) -> (HeaderValue, Added) {
     let seen = Seen::scan(headers);
     remove_seen_hop_by_hop(headers, &seen);
-    headers.reserve(ADDED);
+    let mut added = Added::with_capacity(ADDED);
     // kaguard answers `Expect: 100-continue` itself (hyper sends the 100 when the body is
     // first read), so the upstream never waits for a continue that nobody relays.
     if seen.expect {
@@ -115,28 +130,39 @@ pub fn to_upstream(headers: &mut HeaderMap, fwd: &Forwarded<'_>, reuse: bool) ->
     }
     push_ip(&mut xff, fwd.client_ip);
     if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(xff)) {
-        headers.insert(X_FORWARDED_FOR, v);
+        added.push((X_FORWARDED_FOR, v));
     }
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    // What kaguard says replaces what the client said of itself.
+    if seen.forwarded_proto {
+        headers.remove(X_FORWARDED_PROTO);
+    }
+    added.push((X_FORWARDED_PROTO, HeaderValue::from_static("http")));
     if let Some(host) = fwd.host {
         // The client's own single Host line is the routed host already, unless `Connection`
         // listed it and it was removed with the hop-by-hop headers.
         if fwd.host_from_target || seen.hosts != 1 || seen.hop_by_hop[CONNECTION] {
             headers.insert(header::HOST, host.clone());
         }
-        headers.insert(X_FORWARDED_HOST, host.clone());
+        if seen.forwarded_host {
+            headers.remove(X_FORWARDED_HOST);
+        }
+        added.push((X_FORWARDED_HOST, host.clone()));
     }
     if !reuse {
-        headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        added.push((header::CONNECTION, HeaderValue::from_static("close")));
     }
-    match seen.request_id.then(|| headers.get(X_REQUEST_ID)).flatten() {
+    let id = match seen.request_id.then(|| headers.get(X_REQUEST_ID)).flatten() {
         Some(id) if !id.is_empty() => id.clone(),
         _ => {
+            if seen.request_id {
+                headers.remove(X_REQUEST_ID);
+            }
             let id = new_request_id();
-            headers.insert(X_REQUEST_ID, id.clone());
+            added.push((X_REQUEST_ID, id.clone()));
             id
         }
-    }
+    };
+    (id, added)
 }
 
 /// Appends `ip` as text. IPv4, nearly every client, is written digit by digit: `Display` for
@@ -193,6 +219,36 @@ mod tests {
         }
     }
 
+    /// What the upstream is sent: the client's map as `to_upstream` leaves it, then the lines
+    /// it adds. Returns the request id.
+    fn sent(h: &mut HeaderMap, fwd: &Forwarded<'_>, reuse: bool) -> HeaderValue {
+        let (id, added) = to_upstream(h, fwd, reuse);
+        for (name, value) in added {
+            h.append(name, value);
+        }
+        id
+    }
+
+    #[test]
+    fn what_the_client_says_of_itself_is_replaced_not_passed_on() {
+        let mut h = map(&[
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "evil.example"),
+            ("x-request-id", ""),
+        ]);
+        let fwd = Forwarded {
+            client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            host: Some(&HeaderValue::from_static("example.com")),
+            host_from_target: false,
+        };
+        let id = sent(&mut h, &fwd, true);
+        let all = |name| h.get_all(name).iter().collect::<Vec<_>>();
+        assert_eq!(all("x-forwarded-proto"), ["http"]);
+        assert_eq!(all("x-forwarded-host"), ["example.com"]);
+        assert_eq!(all("x-request-id"), [&id]);
+        assert_eq!(id.len(), 32);
+    }
+
     #[test]
     fn forwarded_headers_append_and_set() {
         let mut h = map(&[
@@ -205,7 +261,7 @@ mod tests {
             host: Some(&HeaderValue::from_static("example.com")),
             host_from_target: false,
         };
-        let id = to_upstream(&mut h, &fwd, true);
+        let id = sent(&mut h, &fwd, true);
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "example.com");
@@ -226,7 +282,7 @@ mod tests {
             map(&[("host", "a.example"), ("host", "b.example")]),
             map(&[("host", "a.example"), ("connection", "host")]),
         ] {
-            to_upstream(&mut h, &fwd, true);
+            sent(&mut h, &fwd, true);
             let hosts: Vec<_> = h.get_all(header::HOST).iter().collect();
             assert_eq!(hosts, [&routed], "{h:?}");
         }
@@ -240,7 +296,7 @@ mod tests {
             host: None,
             host_from_target: false,
         };
-        let id = to_upstream(&mut h, &fwd, false);
+        let id = sent(&mut h, &fwd, false);
         assert_eq!(id.len(), 32);
         assert_eq!(h["x-request-id"], id);
         assert_eq!(h["connection"], "close");

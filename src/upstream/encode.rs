@@ -7,7 +7,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use bytes::{BufMut, Bytes, BytesMut};
-use http::header::{self, HeaderMap};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Uri};
 use hyper::body::Body;
 
@@ -33,6 +33,7 @@ pub(super) fn request(
     method: &Method,
     uri: &Uri,
     headers: &HeaderMap,
+    added: &[(HeaderName, HeaderValue)],
     mut body: RequestBody,
     out: &mut VecDeque<Bytes>,
 ) -> Option<Sending> {
@@ -55,6 +56,7 @@ pub(super) fn request(
     let path = uri.path_and_query().map_or("/", |pq| pq.as_str());
     let lines: usize = headers
         .iter()
+        .chain(added.iter().map(|(name, value)| (name, value)))
         .map(|(name, value)| name.as_str().len() + value.len() + 4)
         .sum();
     let inline = data.as_ref().filter(|d| !chunked && d.len() <= INLINE_BODY);
@@ -64,7 +66,7 @@ pub(super) fn request(
     head.put_u8(b' ');
     head.put_slice(path.as_bytes());
     head.put_slice(b" HTTP/1.1\r\n");
-    for (name, value) in headers {
+    for (name, value) in headers.iter().chain(added.iter().map(|(n, v)| (n, v))) {
         if chunked && name == header::CONTENT_LENGTH {
             continue;
         }
