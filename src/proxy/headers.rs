@@ -219,6 +219,15 @@ mod tests {
         }
     }
 
+    /// A client on 127.0.0.1 that asked for `host` in its Host line.
+    fn from_localhost(host: Option<&HeaderValue>) -> Forwarded<'_> {
+        Forwarded {
+            client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            host,
+            host_from_target: false,
+        }
+    }
+
     /// What the upstream is sent: the client's map as `to_upstream` leaves it, then the lines
     /// it adds. Returns the request id.
     fn sent(h: &mut HeaderMap, fwd: &Forwarded<'_>, reuse: bool) -> HeaderValue {
@@ -236,11 +245,8 @@ mod tests {
             ("x-forwarded-host", "evil.example"),
             ("x-request-id", ""),
         ]);
-        let fwd = Forwarded {
-            client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
-            host: Some(&HeaderValue::from_static("example.com")),
-            host_from_target: false,
-        };
+        let host = HeaderValue::from_static("example.com");
+        let fwd = from_localhost(Some(&host));
         let id = sent(&mut h, &fwd, true);
         let all = |name| h.get_all(name).iter().collect::<Vec<_>>();
         assert_eq!(all("x-forwarded-proto"), ["http"]);
@@ -256,11 +262,8 @@ mod tests {
             ("host", "example.com"),
             ("x-request-id", "abc"),
         ]);
-        let fwd = Forwarded {
-            client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
-            host: Some(&HeaderValue::from_static("example.com")),
-            host_from_target: false,
-        };
+        let host = HeaderValue::from_static("example.com");
+        let fwd = from_localhost(Some(&host));
         let id = sent(&mut h, &fwd, true);
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "http");
@@ -273,11 +276,7 @@ mod tests {
     #[test]
     fn the_routed_host_replaces_several_host_lines_and_one_connection_removed() {
         let routed = HeaderValue::from_static("a.example");
-        let fwd = Forwarded {
-            client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
-            host: Some(&routed),
-            host_from_target: false,
-        };
+        let fwd = from_localhost(Some(&routed));
         for mut h in [
             map(&[("host", "a.example"), ("host", "b.example")]),
             map(&[("host", "a.example"), ("connection", "host")]),
@@ -291,11 +290,7 @@ mod tests {
     #[test]
     fn request_id_is_generated_and_no_reuse_says_close() {
         let mut h = HeaderMap::new();
-        let fwd = Forwarded {
-            client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
-            host: None,
-            host_from_target: false,
-        };
+        let fwd = from_localhost(None);
         let id = sent(&mut h, &fwd, false);
         assert_eq!(id.len(), 32);
         assert_eq!(h["x-request-id"], id);
