@@ -67,14 +67,17 @@ pub(super) async fn exchange(
             .take()
             .or_else(|| replay.as_ref().and_then(RequestBody::replay))
             .unwrap_or_else(RequestBody::empty);
-        // The slot's address for this try: if DNS moves the slot meanwhile, what this try
-        // finds is about this address, not the new one.
-        let addr = group.server_addr(server);
         let pooled = if fresh_only {
             None
         } else {
             group.checkout(server, attempt_start, risk)
         };
+        // The address this try is about: the pooled connection's, or the slot's now for a new
+        // one (a look under the servers' lock, saved when a connection is pooled). If DNS
+        // moves the slot meanwhile, what this try finds is about this address, not the new one.
+        let addr = pooled
+            .as_ref()
+            .map_or_else(|| group.server_addr(server), |lease| lease.conn().addr);
         let (failure, lease) = match pooled {
             Some(lease) => (None, Some(lease)),
             None => {
