@@ -263,13 +263,14 @@ impl<C> Pool<C> {
 
     /// Teaches this pool's learner a close another pool of the same servers observed (an
     /// [`Event::Observed`]). What it learns is not reported again: the pool that saw the
-    /// close reported it.
-    pub fn replay_close(&mut self, seen: &Observation) {
-        if self.guards.learn
-            && let Some(learner) = self.learners.get_mut(seen.server)
-        {
-            learner.observe_close(seen.idle_for, seen.requests, seen.at, seen.exact);
-        }
+    /// close reported it. Returns whether the learner changed, which can shrink a budget.
+    pub fn replay_close(&mut self, seen: &Observation) -> bool {
+        self.guards.learn
+            && self.learners.get_mut(seen.server).is_some_and(|learner| {
+                learner
+                    .observe_close(seen.idle_for, seen.requests, seen.at, seen.exact)
+                    .is_some()
+            })
     }
 
     /// Learns from a close seen while a connection sat idle since `since`. A close from before

@@ -229,8 +229,8 @@ impl UpstreamConn {
         self.sending.is_some() || !self.out.is_empty()
     }
 
-    /// Queues a request; [`UpstreamConn::poll_response`] sends it.
-    /// Queues a request: its head is `headers`, then the lines of `added`.
+    /// Queues a request, whose head is `headers` and then the lines of `added`;
+    /// [`UpstreamConn::poll_response`] sends it.
     pub fn start(
         &mut self,
         method: &Method,

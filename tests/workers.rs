@@ -70,17 +70,20 @@ async fn every_worker_serves_and_shutdown_drains_them_all() {
 #[tokio::test(flavor = "current_thread")]
 async fn a_worker_lends_its_own_connections_first_and_the_others_when_it_has_none() {
     let up = upstream(Behaviour {
-        idle_timeout: Some(Duration::from_millis(100)),
+        idle_timeout: Some(Duration::from_secs(1)),
         ..Behaviour::default()
     })
     .await;
-    let cfg = config(&[up.addr()]);
+    let mut cfg = config(&[up.addr()]);
+    // Far beyond the upstream's: only what is learned from its close can stop reuse sooner.
+    cfg.upstreams[0].keepalive_timeout = Duration::from_secs(10);
     let group = Arc::new(Group::with_workers(&cfg.upstreams[0], &Metrics::new(), 2));
-    // This test's one thread plays worker 1, then worker 0.
+    // This test's one thread plays worker 0, then worker 1. The other worker's connection is
+    // the most recently used, which a single pool would lend first.
+    let mine = pool_one(&group).await;
     kaguard::worker::set(1);
     let theirs = pool_one(&group).await;
     kaguard::worker::set(0);
-    let mine = pool_one(&group).await;
     let checkout = || group.checkout(0, Instant::now(), Risk::Retryable);
     let own = checkout().expect("its own connection");
     let borrowed = checkout().expect("the other worker's");
@@ -94,12 +97,12 @@ async fn a_worker_lends_its_own_connections_first_and_the_others_when_it_has_non
     pool_one(&group).await;
     kaguard::worker::set(0);
     let reaper = tokio::spawn(kaguard::proxy::group::reap(Arc::downgrade(&group)));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_millis(1300)).await;
     pool_one(&group).await;
-    tokio::time::sleep(Duration::from_millis(90)).await;
+    tokio::time::sleep(Duration::from_millis(900)).await;
     assert!(
         checkout().is_none(),
-        "idle 90 ms, past the 80 ms budget learned from the other worker's close"
+        "idle 900 ms, past the 800 ms budget learned from the other worker's close"
     );
     reaper.abort();
 }

@@ -160,13 +160,14 @@ fn a_close_replayed_into_another_pool_teaches_it_the_same_and_is_reported_once()
     );
     // A pool that does not learn is taught nothing.
     let mut deaf = pool(NONE);
-    deaf.replay_close(&Observation {
+    let taught = deaf.replay_close(&Observation {
         server: 0,
         requests: 1,
         idle_for: 59 * MS,
         at: t0,
         exact: true,
     });
+    assert!(!taught);
     assert_eq!(deaf.learned(0, t0 + MS), (None, None));
 }
 

@@ -262,11 +262,13 @@ impl Group {
         let mut closed = Closed::new();
         let before = pool.idle();
         let out = f(&mut pool, &mut closed);
-        let after = pool.idle();
         let events = pool.take_events();
+        // The gauge counts every pool's idle connections: each pool adds what it changed,
+        // under its lock, so the sum is never off.
+        self.metrics
+            .pool_idle
+            .inc_by(pool.idle() as i64 - before as i64);
         drop(pool);
-        // The gauge counts every pool's idle connections: each pool adds what it changed.
-        self.metrics.pool_idle.inc_by(after as i64 - before as i64);
         for (conn, meta, reason) in closed {
             self.count_close(&meta, reason);
             drop(conn);
@@ -280,7 +282,11 @@ impl Group {
     fn report(&self, shard: usize, event: Event) {
         if let Event::Observed(seen) = event {
             for other in (0..self.pools.len()).filter(|&s| s != shard) {
-                self.lock(other).replay_close(&seen);
+                if self.lock(other).replay_close(&seen) {
+                    // As for a lesson of its own: a budget that shrank may have put idle
+                    // connections past it.
+                    self.reaper.notify_one();
+                }
             }
             return;
         }
