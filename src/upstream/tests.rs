@@ -139,3 +139,130 @@ async fn an_idle_connection_closed_by_the_upstream_wakes_its_watcher_and_times_t
     let at = at.expect("the moment of the wake-up");
     assert!(before_close <= at && at + Duration::from_millis(100) < looked);
 }
+
+/// A client's request body, streamed: a POST announcing 1000 bytes, of which the client has
+/// sent 10. [`Cut::now`] closes the client's connection, which fails the body.
+struct Cut {
+    client: tokio::net::TcpStream,
+}
+
+impl Cut {
+    async fn body() -> (RequestBody, Cut) {
+        use http_body_util::Empty;
+        use hyper::body::Incoming;
+        use hyper_util::rt::TokioIo;
+        use std::sync::Mutex;
+
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (body_tx, body_rx) = oneshot::channel::<Incoming>();
+        let body_tx = Arc::new(Mutex::new(Some(body_tx)));
+        tokio::spawn(async move {
+            let (sock, _) = listener.accept().await.expect("accept");
+            let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+                if let Some(tx) = body_tx.lock().expect("not poisoned").take() {
+                    let _ = tx.send(req.into_body());
+                }
+                // Never answers: the connection ends with the client's close.
+                std::future::pending::<Result<http::Response<Empty<Bytes>>, std::io::Error>>()
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(sock), service)
+                .await;
+        });
+        let mut client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        client
+            .write_all(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 1000\r\n\r\n0123456789")
+            .await
+            .expect("write");
+        let incoming = tokio::time::timeout(PATIENCE, body_rx)
+            .await
+            .expect("in time")
+            .expect("the body");
+        let body = RequestBody::prefetch(incoming, 0, 0, PATIENCE)
+            .await
+            .expect("nothing read yet");
+        assert!(body.is_streamed());
+        (body, Cut { client })
+    }
+
+    /// Closes the client's connection. A loopback close reaches the other end at once, and
+    /// hyper's connection task, which waits to read more of the body, fails the body as soon
+    /// as it runs: the pause lets it run.
+    async fn now(self) {
+        drop(self.client);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn poll_response(conn: &mut UpstreamConn) -> Poll<Result<(Response<()>, Hop), ConnError>> {
+    conn.poll_response(&mut Context::from_waker(Waker::noop()))
+}
+
+/// Waits until the upstream's answer is in the socket, unread.
+async fn answer_arrived(conn: &UpstreamConn) {
+    for _ in 0..(PATIENCE.as_millis() / 10) {
+        if conn.peek() == Peek::StrayBytes {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the upstream never answered");
+}
+
+/// The upstream answered before it had the whole request, and then the client's body failed:
+/// the upstream may still wait for the rest, and would read the next request as part of it.
+/// Whether the failure is seen in the same poll as the response head or after it, the
+/// connection is left unfit for reuse.
+#[tokio::test]
+async fn a_request_body_cut_short_leaves_the_connection_unfit_for_reuse() {
+    let early = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+    for failure_with_the_head in [true, false] {
+        let (body, cut) = Cut::body().await;
+        let (mut conn, _close, _) = connected(early, Waker::noop().clone()).await;
+        conn.start(
+            &Method::POST,
+            &Uri::from_static("/"),
+            &HeaderMap::new(),
+            &[],
+            body,
+        );
+        // The head and the 10 bytes go out; the body waits for more from the client.
+        assert!(poll_response(&mut conn).is_pending());
+        if failure_with_the_head {
+            cut.now().await;
+            answer_arrived(&conn).await;
+            let Poll::Ready(Ok((response, _))) = poll_response(&mut conn) else {
+                panic!("the head");
+            };
+            assert_eq!(response.status(), 200);
+            assert!(
+                !conn.is_sending(),
+                "the body's failure was seen in that same poll"
+            );
+        } else {
+            answer_arrived(&conn).await;
+            let Poll::Ready(Ok((response, _))) = poll_response(&mut conn) else {
+                panic!("the head");
+            };
+            assert_eq!(response.status(), 200);
+            assert!(conn.is_sending(), "the body still waits for the client");
+            cut.now().await;
+        }
+        let mut cx = Context::from_waker(Waker::noop());
+        for _ in 0..(PATIENCE.as_millis() / 10) {
+            while let Poll::Ready(Some(frame)) = conn.poll_frame(&mut cx) {
+                frame.expect("the response body");
+            }
+            if !conn.is_sending() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(conn.body_ended() && !conn.is_sending());
+        assert!(
+            !conn.ended_cleanly() && !poolable(&conn),
+            "failure with the head: {failure_with_the_head}"
+        );
+    }
+}
