@@ -83,4 +83,49 @@ mod tests {
         assert!(!went_quiet(349 * MS, 352 * MS, 300 * MS));
         assert!(went_quiet(352 * MS, 353 * MS, 300 * MS));
     }
+
+    /// On a runtime of one worker thread, as `kaguard run` builds them: a burst of work, then
+    /// quiet, brings one release, and more quiet brings no other; a worker that never worked
+    /// releases nothing.
+    #[test]
+    fn a_worker_releases_once_after_a_burst_and_never_while_idle() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+
+        for burst in [true, false] {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            let released = Arc::new(AtomicUsize::new(0));
+            let count = released.clone();
+            rt.spawn(release_when_quiet(move || {
+                count.fetch_add(1, Ordering::SeqCst);
+            }));
+            if burst {
+                // 200 ms of work on the worker, in one poll.
+                rt.block_on(rt.spawn(async {
+                    let until = std::time::Instant::now() + 200 * MS;
+                    while std::time::Instant::now() < until {
+                        std::hint::spin_loop();
+                    }
+                }))
+                .expect("the burst");
+            }
+            // Bounded: a release is due within two checks of the burst's end.
+            for _ in 0..40 {
+                if released.load(Ordering::SeqCst) > 0 {
+                    break;
+                }
+                std::thread::sleep(QUIET_CHECK / 5);
+            }
+            std::thread::sleep(QUIET_CHECK * 4);
+            assert_eq!(
+                released.load(Ordering::SeqCst),
+                usize::from(burst),
+                "after a burst: {burst}"
+            );
+        }
+    }
 }
