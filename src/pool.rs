@@ -131,6 +131,8 @@ pub struct Observation {
 pub struct Reused<C> {
     pub conn: C,
     pub meta: ConnMeta,
+    /// When it was pooled, for [`Pool::learn_from_close`] if a later look finds it closed.
+    pub since: Instant,
     /// How long it sat idle before this checkout.
     pub idle_for: Duration,
 }
@@ -330,6 +332,7 @@ impl<C> Pool<C> {
                     return Some(Reused {
                         conn: entry.conn,
                         meta: entry.meta,
+                        since: entry.since,
                         idle_for,
                     });
                 }

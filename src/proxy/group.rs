@@ -408,9 +408,8 @@ impl Group {
             if peek {
                 let seen = self.liveness(&reused.conn, server, now, true);
                 if let Liveness::Closed { .. } = seen {
-                    let since = now - reused.idle_for;
                     self.with_shard(shard, |pool, closed| {
-                        pool.learn_from_close(&reused.meta, since, seen);
+                        pool.learn_from_close(&reused.meta, reused.since, seen);
                         closed.push((reused.conn, reused.meta, Reason::ClosedByUpstream));
                     });
                     continue;
