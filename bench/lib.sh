@@ -281,7 +281,7 @@ CONF
 }
 
 # The three proxy configs: the upstream at $up_port, HTTP/1.1 keep-alive on both sides, no
-# access log, keepalive_requests 100000 on the upstream side.
+# access log, keepalive_requests 100000 on both sides (HAProxy has no such cap).
 nginx_proxy_conf() { # workers port dir
     cat <<CONF
 worker_processes $1;
@@ -324,12 +324,17 @@ backend b
 CONF
 }
 
-# kaguard: every default but these (client keepalive_timeout 620 s, upstream keepalive_timeout 1 s).
+# kaguard: its defaults (client keepalive_timeout 620 s, upstream keepalive_timeout 1 s) but the
+# pool size and the two request caps, set as nginx's are above: with kaguard's default client
+# cap of 1000, wrk reconnected every 1000 requests through kaguard and never through nginx.
 kaguard_conf() { # workers port
     cat <<CONF
 listen = "127.0.0.1:$2"
 workers = $1
 access_log = "off"
+
+[downstream]
+keepalive_requests = 100000
 
 [[upstream]]
 name = "u"
