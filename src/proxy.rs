@@ -296,6 +296,26 @@ impl OnEnd for Finish {
         if let Some(lease) = lease {
             lease.release(end == End::Complete, self.upstream_keep_alive, now);
         }
+        let status = self.entry.status;
+        match &self.group {
+            Some(group) => {
+                group.metrics.request(status);
+                let answered = self.entry.upstream_status.is_some() && end != End::UpstreamFailed;
+                let outcome = if answered {
+                    RetryOutcome::Answered
+                } else {
+                    RetryOutcome::Failed
+                };
+                for cause in &self.retries {
+                    group.metrics.retry(*cause, outcome);
+                }
+            }
+            None => self.metrics.local.request(status),
+        }
+        // The rest is for the access log alone.
+        if !self.log.is_on() {
+            return;
+        }
         let mut entry = std::mem::take(&mut self.entry);
         match end {
             End::Complete => {}
@@ -312,20 +332,6 @@ impl OnEnd for Finish {
         entry.body_bytes_sent = body_bytes;
         entry.request_time = access_log::seconds(now - self.start);
         entry.upstream_response_time = self.sent_at.map(|t| access_log::seconds(now - t));
-        match &self.group {
-            Some(group) => {
-                group.metrics.request(entry.status);
-                let outcome = if entry.upstream_status.is_some() && end != End::UpstreamFailed {
-                    RetryOutcome::Answered
-                } else {
-                    RetryOutcome::Failed
-                };
-                for cause in &self.retries {
-                    group.metrics.retry(*cause, outcome);
-                }
-            }
-            None => self.metrics.local.request(entry.status),
-        }
         self.log.write(entry);
     }
 }
