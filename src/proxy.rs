@@ -104,8 +104,10 @@ impl Proxy {
         client: Client,
     ) -> Result<Response<ResponseBody>, Abort> {
         let start = Instant::now();
+        // What only the access log shows is not looked up when the log is off.
+        let logged = self.log.is_on();
         let mut entry = Entry {
-            timestamp: self.log.is_on().then(SystemTime::now),
+            timestamp: logged.then(SystemTime::now),
             remote_addr: Some(client.addr.ip()),
             connection: client.connection,
             connection_requests: client.requests,
@@ -114,7 +116,9 @@ impl Proxy {
                 req.uri().clone(),
                 req.version(),
             ))),
-            http_user_agent: req.headers().get(header::USER_AGENT).cloned(),
+            http_user_agent: logged
+                .then(|| req.headers().get(header::USER_AGENT).cloned())
+                .flatten(),
             ..Entry::default()
         };
 
