@@ -159,8 +159,8 @@ impl Servers {
         self.balance
     }
 
-    /// Only peak-EWMA balancing reads the latency estimate. Keeping it costs an exponential
-    /// at every pick and answer, about 1 % of a small request's instructions.
+    /// Only peak-EWMA balancing reads the latency estimate; keeping it costs an exponential
+    /// at every pick and every answer.
     fn tracks_latency(&self) -> bool {
         self.balance == Balance::P2cEwma
     }
