@@ -23,25 +23,9 @@ pub static HOP_BY_HOP: [HeaderName; 9] = [
 pub const CONNECTION: usize = 0;
 const KEEP_ALIVE: usize = 1;
 
-/// Whether a message's `Connection` header carries `token` (case-insensitive).
-pub fn connection_has(headers: &HeaderMap, token: &str) -> bool {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
-}
-
 /// Whether the peer that sent these headers wants the connection kept open afterwards.
 pub fn wants_keep_alive(version: Version, headers: &HeaderMap) -> bool {
-    match version {
-        Version::HTTP_11 => !connection_has(headers, "close"),
-        Version::HTTP_10 => {
-            connection_has(headers, "keep-alive") && !connection_has(headers, "close")
-        }
-        _ => false,
-    }
+    Hop::of_connection(headers).keeps_alive(version)
 }
 
 /// What a message's hop-by-hop lines said, noted line by line as its head is read, so that
@@ -62,27 +46,40 @@ pub struct Hop {
 }
 
 impl Hop {
+    /// What the `Connection` lines of a map already built say (a client's request, which
+    /// hyper parses): the rest of its hop-by-hop lines are found by name.
+    pub fn of_connection(headers: &HeaderMap) -> Hop {
+        let mut hop = Hop::default();
+        for value in headers.get_all(header::CONNECTION) {
+            hop.note_connection(text(value));
+        }
+        hop
+    }
+
     /// Notes one header line. True when it is hop-by-hop, and stays out of the map.
     pub fn note(&mut self, name: &HeaderName, value: &HeaderValue) -> bool {
         let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) else {
             return false;
         };
-        // A value that is not visible ASCII names no token and no parameter.
-        let text = value.to_str().unwrap_or("");
         if i == CONNECTION {
-            for token in text.split(',').map(str::trim).filter(|t| !t.is_empty()) {
-                if token.eq_ignore_ascii_case("close") {
-                    self.close = true;
-                } else if token.eq_ignore_ascii_case("keep-alive") {
-                    self.keep_alive = true;
-                } else if let Ok(listed) = HeaderName::from_bytes(token.as_bytes()) {
-                    self.listed.push(listed);
-                }
-            }
+            self.note_connection(text(value));
         } else if i == KEEP_ALIVE {
-            self.note_params(text);
+            self.note_params(text(value));
         }
         true
+    }
+
+    /// `Connection: close, keep-alive, <names>`.
+    fn note_connection(&mut self, text: &str) {
+        for token in text.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+            if token.eq_ignore_ascii_case("close") {
+                self.close = true;
+            } else if token.eq_ignore_ascii_case("keep-alive") {
+                self.keep_alive = true;
+            } else if let Ok(listed) = HeaderName::from_bytes(token.as_bytes()) {
+                self.listed.push(listed);
+            }
+        }
     }
 
     /// `Keep-Alive: timeout=N, max=M`; unknown parameters are ignored, and a later value,
@@ -110,6 +107,11 @@ impl Hop {
             _ => false,
         }
     }
+}
+
+/// A value that is not visible ASCII names no token and no parameter.
+fn text(value: &HeaderValue) -> &str {
+    value.to_str().unwrap_or("")
 }
 
 #[cfg(test)]
@@ -179,23 +181,41 @@ pub(crate) mod tests {
 
     #[test]
     fn noted_lines_and_the_map_agree_on_keep_alive() {
+        // Whether the connection stays open under HTTP/1.0, 1.1 and 2.
         let heads = [
-            map(&[]),
-            map(&[("connection", "Close")]),
-            map(&[("connection", "keep-alive"), ("keep-alive", "timeout=3")]),
-            map(&[("connection", "keep-alive, close")]),
-            map(&[("connection", "upgrade"), ("connection", "keep-alive")]),
+            (map(&[]), [false, true, false]),
+            (map(&[("connection", "Close")]), [false, false, false]),
+            (
+                map(&[("connection", "keep-alive"), ("keep-alive", "timeout=3")]),
+                [true, true, false],
+            ),
+            (
+                map(&[("connection", "keep-alive, close")]),
+                [false, false, false],
+            ),
+            (
+                map(&[("connection", "upgrade"), ("connection", "keep-alive")]),
+                [true, true, false],
+            ),
         ];
-        for version in [Version::HTTP_10, Version::HTTP_11, Version::HTTP_2] {
-            for head in &heads {
+        let versions = [Version::HTTP_10, Version::HTTP_11, Version::HTTP_2];
+        for (head, expected) in &heads {
+            for (version, expected) in versions.into_iter().zip(*expected) {
                 let (hop, _) = noted(head);
+                assert_eq!(hop.keeps_alive(version), expected, "{version:?} {head:?}");
                 assert_eq!(
-                    hop.keeps_alive(version),
                     wants_keep_alive(version, head),
+                    expected,
                     "{version:?} {head:?}"
                 );
             }
         }
+        let listed = Hop::of_connection(&map(&[("connection", "upgrade, X-Secret, close")]));
+        assert_eq!(
+            listed.listed,
+            [header::UPGRADE, HeaderName::from_static("x-secret")]
+        );
+        assert!(listed.close);
     }
 
     #[test]

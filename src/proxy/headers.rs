@@ -8,7 +8,7 @@ use bytes::Bytes;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
-use crate::hop::{CONNECTION, HOP_BY_HOP};
+use crate::hop::{CONNECTION, HOP_BY_HOP, Hop};
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -58,16 +58,7 @@ impl Seen {
 
 fn remove_seen_hop_by_hop(headers: &mut HeaderMap, seen: &Seen) {
     if seen.hop_by_hop[CONNECTION] {
-        let listed: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .filter(|t| !t.eq_ignore_ascii_case("close") && !t.eq_ignore_ascii_case("keep-alive"))
-            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-            .collect();
-        for name in listed {
+        for name in Hop::of_connection(headers).listed {
             headers.remove(name);
         }
     }
