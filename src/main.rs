@@ -225,7 +225,7 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// Returns the calling thread's free memory to the system now. mimalloc returns it only when
 /// it is next called after its purge delay, and a server gone idle makes no calls: after a
 /// burst of connections that then stay idle, 1.7 KiB per idle connection stayed resident
-/// instead of 0.6 (docs/performance.md).
+/// instead of 0.65 (docs/performance.md).
 ///
 /// The one `unsafe` of the project: the mimalloc crate does not expose this call.
 #[allow(unsafe_code)]

@@ -2,9 +2,9 @@
 //!
 //! `kaguard run` gives each worker thread its own single-threaded runtime, and a client
 //! connection, its requests and the upstream connections they open all stay on the worker that
-//! accepted it: a wake-up never crosses threads on the request path. Each upstream group keeps
-//! a pool per worker, and lends a request another worker's connection only when its own has
-//! none (see [`crate::proxy::group::Group`]).
+//! accepted it. Each upstream group keeps a pool per worker, and lends a request another
+//! worker's connection, whose wake-ups then cross threads, only when its own has none (see
+//! [`crate::proxy::group::Group`]).
 
 use std::cell::Cell;
 use std::time::Duration;
