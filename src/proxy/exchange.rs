@@ -49,6 +49,9 @@ pub(super) async fn exchange(
     } else {
         Risk::MustNotRetry
     };
+    // Before the pick and the checkout, not between the checkout and the write: the check
+    // before reuse stays next to the write it clears.
+    crate::worker::give_way().await;
     let mut in_flight = group.begin_request();
     let mut body = Some(body);
     let Some(mut server) = group.pick(None, Instant::now()) else {
