@@ -1,4 +1,5 @@
-//! Which worker thread runs the current code, and when a worker has gone quiet.
+//! Which worker thread runs the current code, how a task gives way to the worker's other
+//! tasks, and when a worker has gone quiet.
 //!
 //! `kaguard run` gives each worker thread its own single-threaded runtime, and a client
 //! connection, its requests and the upstream connections they open all stay on the worker that
@@ -29,9 +30,9 @@ pub fn set(index: usize) {
 /// waits, so the scheduler puts it back at the end of the worker's queue.
 ///
 /// A request gives way before it takes an upstream connection, so that the requests one pass
-/// over the queue made ready leave for the upstream together. The upstream (and, through its
-/// answers, the client) then wakes once for several and finds them all, where it woke and
-/// slept for each when they left one at a time. `tokio::task::yield_now` will not do: it holds
+/// over the queue made ready leave for the upstream together. The upstream then wakes once for
+/// several and finds them all, where it often woke for one and slept again when they left one
+/// at a time. `tokio::task::yield_now` will not do: it holds
 /// the task until the worker next polls its sockets, which a busy worker does only every few
 /// dozen tasks; tried in its place, it cost p99 at one worker and throughput at two.
 pub async fn give_way() {
