@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::task::Poll;
+use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderName, HeaderValue};
@@ -239,6 +239,10 @@ impl Downstream {
             .serve_connection(TokioIo::new(io), service);
         let mut sleep = pin!(tokio::time::sleep(Duration::from_secs(3600)));
         let mut closing = false;
+        // The waker `stop` holds. Polled again, `stop` would take the lock of a waiter list that
+        // every connection of every worker shares, at every poll of every request; while it
+        // holds this task's waker, the flag it stands for is read instead.
+        let mut stop_waker: Option<Waker> = None;
         let parkable = |parked_after: &Option<u64>| {
             let idle = tracker.idle_since()?;
             (*parked_after != Some(tracker.requests())).then_some(idle + PARK_AFTER)
@@ -250,7 +254,14 @@ impl Downstream {
                 if let Poll::Ready(res) = Pin::new(&mut conn).poll(cx) {
                     return Poll::Ready(Some(res));
                 }
-                if !closing && stop.as_mut().poll(cx).is_ready() {
+                let stopping = !closing
+                    && if stop_waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                        self.shutdown.is_begun()
+                    } else {
+                        stop_waker = Some(cx.waker().clone());
+                        stop.as_mut().poll(cx).is_ready()
+                    };
+                if stopping {
                     closing = true;
                     Pin::new(&mut conn).graceful_shutdown();
                     continue;
