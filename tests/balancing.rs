@@ -517,9 +517,10 @@ async fn races_kaguard_absorbed_do_not_count_toward_max_fails() {
     opts.method = Method::Get;
     opts.timeout = Duration::from_millis(100);
     opts.requests = 600;
-    // A race is likely in one run, not certain: runs go on until one happened, at most five.
+    // A race is likely in one run, not certain: runs go on until one happened, at most ten
+    // (five once ended without a race, with the whole suite running on two cores).
     let absorbed_series = r#"kaguard_upstream_retries_total{upstream="default",cause="reused_connection",outcome="answered"}"#;
-    for _ in 0..5 {
+    for _ in 0..10 {
         let report = race::race(&opts, None).await.expect("the reproducer runs");
         assert_eq!(report.errors(), 0, "{report:?}");
         if kg.metric(absorbed_series).await > 0.0 {
