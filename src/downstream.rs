@@ -239,9 +239,10 @@ impl Downstream {
             .serve_connection(TokioIo::new(io), service);
         let mut sleep = pin!(tokio::time::sleep(Duration::from_secs(3600)));
         let mut closing = false;
-        // The waker `stop` holds. Polled again, `stop` would take the lock of a waiter list that
-        // every connection of every worker shares, at every poll of every request; while it
-        // holds this task's waker, the flag it stands for is read instead.
+        // The waker `stop` was last polled with. Each poll of `stop` locks a waiter list that
+        // every connection of every worker shares, and this runs at every poll of every
+        // request: while `stop` holds this task's waker it will wake the task, so reading the
+        // shutdown flag is enough.
         let mut stop_waker: Option<Waker> = None;
         let parkable = |parked_after: &Option<u64>| {
             let idle = tracker.idle_since()?;

@@ -297,6 +297,24 @@ async fn a_parked_client_connection_is_closed_at_shutdown() {
     );
 }
 
+/// The same before the park: a kept-alive client connection that has just had its answer is
+/// closed as soon as shutdown begins, not when it would have been parked.
+#[tokio::test]
+async fn shutdown_closes_a_connection_kept_alive_at_once_not_at_its_park() {
+    let up = upstream(Behaviour::default()).await;
+    let mut kg = start(config(&[up.addr()])).await;
+    let mut idle = Client::connect(kg.addr).await;
+    assert_eq!(idle.get("/").await.status(), 200);
+    let shutdown = tokio::spawn(async move { kg.shutdown().await });
+    // Closed in a few milliseconds when shutdown reaches it; at its park, PARK_AFTER after
+    // its answer, when it does not.
+    assert!(
+        idle.closed_within(PARK_AFTER / 2).await,
+        "the idle connection waited for its park"
+    );
+    assert!(shutdown.await.unwrap(), "drain did not finish");
+}
+
 #[tokio::test]
 async fn a_parked_client_connection_is_closed_when_idle_past_its_hold() {
     let (_up, kg, mut client) = parked_with_a_short_hold().await;
