@@ -248,53 +248,56 @@ impl Downstream {
             let idle = tracker.idle_since()?;
             (*parked_after != Some(tracker.requests())).then_some(idle + PARK_AFTER)
         };
+        // Every reading of the clock in one poll shares one (see `clock`).
         let result = poll_fn(|cx| {
-            loop {
-                // Polled as a future, not without shutdown: hyper's shutdown flushes what is
-                // left of the last response. A park's shutdown leaves the socket open.
-                if let Poll::Ready(res) = Pin::new(&mut conn).poll(cx) {
-                    return Poll::Ready(Some(res));
-                }
-                let stopping = !closing
-                    && if stop_waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                        self.shutdown.is_begun()
-                    } else {
-                        stop_waker = Some(cx.waker().clone());
-                        stop.as_mut().poll(cx).is_ready()
-                    };
-                if stopping {
-                    closing = true;
-                    Pin::new(&mut conn).graceful_shutdown();
-                    continue;
-                }
-                let deadline = match tracker.wait(&self.timeouts) {
-                    Wait::Busy => return Poll::Pending,
-                    Wait::Idle(_) if closing => return Poll::Pending,
-                    Wait::Idle(at) => parkable(parked_after).map_or(at, |p| p.min(at)),
-                    Wait::Abort(at) => at,
-                };
-                if sleep.deadline() != deadline.into() {
-                    sleep.as_mut().reset(deadline.into());
-                }
-                if sleep.as_mut().poll(cx).is_pending() {
-                    return Poll::Pending;
-                }
-                match tracker.wait(&self.timeouts) {
-                    Wait::Idle(at) if !closing && Instant::now() < at => {
-                        if parkable(parked_after).is_some() {
-                            // hyper reads again when polled; that read ends the stream.
-                            *parked_after = Some(tracker.requests());
-                            tracker.ask_to_park();
-                        }
+            crate::clock::one_poll(|| {
+                loop {
+                    // Polled as a future, not without shutdown: hyper's shutdown flushes what is
+                    // left of the last response. A park's shutdown leaves the socket open.
+                    if let Poll::Ready(res) = Pin::new(&mut conn).poll(cx) {
+                        return Poll::Ready(Some(res));
                     }
-                    Wait::Idle(_) if !closing => {
+                    let stopping = !closing
+                        && if stop_waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                            self.shutdown.is_begun()
+                        } else {
+                            stop_waker = Some(cx.waker().clone());
+                            stop.as_mut().poll(cx).is_ready()
+                        };
+                    if stopping {
                         closing = true;
                         Pin::new(&mut conn).graceful_shutdown();
+                        continue;
                     }
-                    Wait::Abort(_) => return Poll::Ready(None),
-                    Wait::Idle(_) | Wait::Busy => return Poll::Pending,
+                    let deadline = match tracker.wait(&self.timeouts) {
+                        Wait::Busy => return Poll::Pending,
+                        Wait::Idle(_) if closing => return Poll::Pending,
+                        Wait::Idle(at) => parkable(parked_after).map_or(at, |p| p.min(at)),
+                        Wait::Abort(at) => at,
+                    };
+                    if sleep.deadline() != deadline.into() {
+                        sleep.as_mut().reset(deadline.into());
+                    }
+                    if sleep.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    match tracker.wait(&self.timeouts) {
+                        Wait::Idle(at) if !closing && Instant::now() < at => {
+                            if parkable(parked_after).is_some() {
+                                // hyper reads again when polled; that read ends the stream.
+                                *parked_after = Some(tracker.requests());
+                                tracker.ask_to_park();
+                            }
+                        }
+                        Wait::Idle(_) if !closing => {
+                            closing = true;
+                            Pin::new(&mut conn).graceful_shutdown();
+                        }
+                        Wait::Abort(_) => return Poll::Ready(None),
+                        Wait::Idle(_) | Wait::Busy => return Poll::Pending,
+                    }
                 }
-            }
+            })
         })
         .await;
         if tracker.take_parked() {
@@ -343,7 +346,8 @@ impl Downstream {
         let last = !keep_alive
             || conflicting_framing
             || requests >= self.keepalive_requests
-            || tracker.accepted.elapsed() >= self.keepalive_time
+            || crate::clock::now().saturating_duration_since(tracker.accepted)
+                >= self.keepalive_time
             || self.shutdown.is_begun();
         if last {
             parts

@@ -13,6 +13,7 @@
 pub mod access_log;
 pub mod admin;
 pub mod balance;
+pub mod clock;
 pub mod config;
 pub mod downstream;
 pub mod error;

@@ -103,7 +103,7 @@ impl Proxy {
         req: Request<Incoming>,
         client: Client,
     ) -> Result<Response<ResponseBody>, Abort> {
-        let start = Instant::now();
+        let start = crate::clock::now();
         // What only the access log shows is not looked up when the log is off.
         let logged = self.log.is_on();
         let mut entry = Entry {
@@ -296,7 +296,7 @@ struct Finish {
 
 impl OnEnd for Finish {
     fn on_end(mut self: Box<Self>, end: End, body_bytes: u64, lease: Option<Lease>) {
-        let now = Instant::now();
+        let now = crate::clock::now();
         if let Some(lease) = lease {
             lease.release(end == End::Complete, self.upstream_keep_alive, now);
         }

@@ -448,7 +448,7 @@ impl UpstreamConn {
                     Poll::Ready(Ok(n)) => n,
                 };
                 self.written += n as u64;
-                self.last_progress = Instant::now();
+                self.last_progress = crate::clock::now();
                 let mut left = n;
                 while left > 0 {
                     let front = self.out.front_mut().expect("written bytes were queued");
@@ -497,7 +497,7 @@ impl UpstreamConn {
             }
         };
         self.read += n as u64;
-        self.last_progress = Instant::now();
+        self.last_progress = crate::clock::now();
         if n == room {
             self.read_size = (self.read_size * 2).min(READ_MAX);
         } else if n < room / 4 {

@@ -109,7 +109,7 @@ impl Tracker {
     pub(super) fn end(&self) {
         if self.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
             self.idle_since
-                .store(self.stamp(Instant::now()), Ordering::Relaxed);
+                .store(self.stamp(crate::clock::now()), Ordering::Relaxed);
             self.recording.store(true, Ordering::Relaxed);
         }
     }
@@ -234,7 +234,7 @@ impl Observer for ClientSide {
         }
         if t.head_started.load(Ordering::Relaxed) == 0 {
             t.head_started
-                .store(t.stamp(Instant::now()), Ordering::Relaxed);
+                .store(t.stamp(crate::clock::now()), Ordering::Relaxed);
         }
         if let Some(conflict) = self.head.feed(added, self.head_limit) {
             t.conflict.store(conflict, Ordering::Relaxed);
@@ -264,7 +264,7 @@ impl Observer for ClientSide {
             t.write_blocked.store(0, Ordering::Relaxed);
         } else if t.write_blocked.load(Ordering::Relaxed) == 0 {
             t.write_blocked
-                .store(t.stamp(Instant::now()), Ordering::Relaxed);
+                .store(t.stamp(crate::clock::now()), Ordering::Relaxed);
         }
     }
 }

@@ -12,6 +12,7 @@ use super::Client;
 use super::body::RequestBody;
 use super::group::{Group, Lease};
 use crate::access_log::{self, Entry};
+use crate::clock;
 use crate::config::RetryPolicy;
 use crate::error::Failure;
 use crate::hop::Hop;
@@ -54,7 +55,7 @@ pub(super) async fn exchange(
     crate::worker::give_way().await;
     let mut in_flight = group.begin_request();
     let mut body = Some(body);
-    let Some(mut server) = group.pick(None, Instant::now()) else {
+    let Some(mut server) = group.pick(None, clock::now()) else {
         return Err((Failure::NoLiveUpstream, Decision::Give));
     };
     // Servers tried by next-upstream, so a request that reaches none ends.
@@ -62,7 +63,7 @@ pub(super) async fn exchange(
     let mut fresh_only = false;
     loop {
         entry.attempts += 1;
-        let attempt_start = Instant::now();
+        let attempt_start = clock::now();
         // The body this attempt sends: what the last attempt handed back unsent, or a replay
         // of a held body. Whatever this attempt does with it, it is not "returned" any more.
         facts.returned = false;
@@ -88,8 +89,9 @@ pub(super) async fn exchange(
                 // Boxed, as is the backoff: rare, and inline they would grow every request's state.
                 match Box::pin(group.connect(server, addr)).await {
                     Ok(lease) => {
-                        entry.upstream_connect_time =
-                            Some(access_log::seconds(attempt_start.elapsed()));
+                        entry.upstream_connect_time = Some(access_log::seconds(
+                            clock::now().saturating_duration_since(attempt_start),
+                        ));
                         (None, Some(lease))
                     }
                     Err(failure) => (Some(failure), None),
@@ -113,7 +115,8 @@ pub(super) async fn exchange(
                 let outcome = send(lease.conn_mut(), head, req, timeouts, reused).await;
                 match outcome {
                     Ok((resp, hop)) => {
-                        let (latency, now) = (attempt_start.elapsed(), Instant::now());
+                        let now = clock::now();
+                        let latency = now.saturating_duration_since(attempt_start);
                         group.server_answered(server, addr, latency, now);
                         let status = resp.status().as_u16();
                         match retry::decide(
@@ -145,7 +148,7 @@ pub(super) async fn exchange(
             (None, None) => unreachable!("a lease or a failure"),
         };
         entry.flag(failure.flag());
-        let now = Instant::now();
+        let now = clock::now();
         if failure.is_server_fault() {
             group.server_failed(server, addr, now);
         }
@@ -245,7 +248,7 @@ async fn send(
         send: send_timeout,
         per_try,
     } = timeouts;
-    let sent_at = Instant::now();
+    let sent_at = clock::now();
     if conn.is_closed() {
         return Err((Failure::NotSent { reused }, Some(body)));
     }
