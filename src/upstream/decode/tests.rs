@@ -25,6 +25,35 @@ fn a_head_leaves_its_body_in_the_buffer() {
 }
 
 #[test]
+fn a_name_matched_as_sent_is_the_name_the_general_parse_gives() {
+    let names = [
+        "Date",
+        "Server",
+        "Connection",
+        "Content-Type",
+        "Content-Length",
+        "Transfer-Encoding",
+        "Keep-Alive",
+        "X-Request-Id",
+    ];
+    for name in names {
+        let parsed = HeaderName::from_bytes(name.as_bytes()).unwrap();
+        for variant in [name.to_string(), name.to_lowercase(), name.to_uppercase()] {
+            assert_eq!(
+                header_name(variant.as_bytes()),
+                Ok(parsed.clone()),
+                "{variant}"
+            );
+        }
+    }
+    assert_eq!(header_name(b"Bad Name"), Err(Invalid));
+    // And in a head: the line lands in the map under its name.
+    let (head, _) = whole(b"HTTP/1.1 200 OK\r\nDate: d\r\nServer: s\r\nContent-Length: 0\r\n\r\n");
+    assert_eq!(head.response.headers()["date"], "d");
+    assert_eq!(head.response.headers()["server"], "s");
+}
+
+#[test]
 fn hop_by_hop_lines_stay_out_of_the_map_and_say_what_they_say() {
     let (head, _) = whole(
         b"HTTP/1.1 200 OK\r\nX-Secret: 1\r\nConnection: keep-alive, x-secret\r\n\
