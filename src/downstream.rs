@@ -45,6 +45,10 @@ pub const IDLE_GRACE: Duration = Duration::from_secs(1);
 /// per idle connection at 250 ms, 7.7 KiB at 1 s).
 pub const PARK_AFTER: Duration = Duration::from_millis(250);
 
+/// Built once: named at run time, `HeaderName::from_static` looks the name up among the
+/// standard ones on every response.
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+
 /// The future of one request, boxed: hyper keeps room for the service's future for as long
 /// as it serves a connection, and the proxy's is several KiB; a box lives only while a request
 /// does.
@@ -354,9 +358,7 @@ impl Downstream {
                 .headers
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         } else {
-            parts
-                .headers
-                .insert(HeaderName::from_static("keep-alive"), self.hint.clone());
+            parts.headers.insert(KEEP_ALIVE, self.hint.clone());
         }
         Ok(Response::from_parts(parts, body.guard(Box::new(in_flight))))
     }

@@ -72,11 +72,11 @@ pub(super) fn head(
         let mut lines = Lines::default();
         let mut hop = Hop::default();
         for &(name, value) in spans.iter() {
-            let name = header_name(&bytes[name.0..name.1])?;
+            let (name, maybe_hop) = header_name(&bytes[name.0..name.1])?;
             let value = HeaderValue::from_maybe_shared(bytes.slice(value.0..value.1))
                 .map_err(|_| Invalid)?;
             lines.note(&name, &value)?;
-            if !hop.note(&name, &value) {
+            if !(maybe_hop && hop.note(&name, &value)) {
                 headers.append(name, value);
             }
         }
@@ -161,22 +161,24 @@ fn parse_with<'b>(
     Ok(Some((len, resp.code, version)))
 }
 
-/// A header's name. The names most servers send on every response, in the case they send
-/// them, are matched as they are; the general parse lower-cases each name into a scratch
-/// buffer before it looks it up, which cost a quarter of reading a short head.
 /// Not among the `http` crate's standard names, but Node sends it on every response.
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 
-fn header_name(raw: &[u8]) -> Result<HeaderName, Invalid> {
+/// A header's name, and false when it is surely not hop-by-hop. The names most servers send
+/// on every response, in the case they send them, are matched as they are: the general
+/// parse lower-cases each name into a scratch buffer before it looks it up, which cost a
+/// quarter of reading a short head, and a name of unknown kind is compared with each
+/// hop-by-hop one.
+fn header_name(raw: &[u8]) -> Result<(HeaderName, bool), Invalid> {
     Ok(match raw {
-        b"Date" => header::DATE,
-        b"Server" => header::SERVER,
-        b"Connection" => header::CONNECTION,
-        b"Content-Type" => header::CONTENT_TYPE,
-        b"Content-Length" => header::CONTENT_LENGTH,
-        b"Transfer-Encoding" => header::TRANSFER_ENCODING,
-        b"Keep-Alive" => KEEP_ALIVE,
-        _ => HeaderName::from_bytes(raw).map_err(|_| Invalid)?,
+        b"Date" => (header::DATE, false),
+        b"Server" => (header::SERVER, false),
+        b"Content-Type" => (header::CONTENT_TYPE, false),
+        b"Content-Length" => (header::CONTENT_LENGTH, false),
+        b"Connection" => (header::CONNECTION, true),
+        b"Transfer-Encoding" => (header::TRANSFER_ENCODING, true),
+        b"Keep-Alive" => (KEEP_ALIVE, true),
+        _ => (HeaderName::from_bytes(raw).map_err(|_| Invalid)?, true),
     })
 }
 
