@@ -142,8 +142,9 @@ impl Proxy {
             host: host.as_ref(),
             host_from_target: parts.uri.authority().is_some(),
         };
-        let (request_id, added) = headers::to_upstream(&mut parts.headers, &fwd, group.reuse());
-        entry.request_id = Some(request_id);
+        let (request_id, added) =
+            headers::to_upstream(&mut parts.headers, &fwd, group.reuse(), logged);
+        entry.request_id = request_id;
         let head = Head {
             method: parts.method,
             uri: origin_form(&parts.uri),

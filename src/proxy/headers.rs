@@ -91,12 +91,14 @@ pub type Added = Vec<(HeaderName, HeaderValue)>;
 const ADDED: usize = 5;
 
 /// Turns a client's request headers into the upstream's: the map loses what must not go on,
-/// and the lines it gains are returned with the request id.
+/// and the lines it gains are returned, with the request id if `keep_id` (the access log
+/// alone shows it; a copy of a new id costs an allocation).
 pub fn to_upstream(
     headers: &mut HeaderMap,
     fwd: &Forwarded<'_>,
     reuse: bool,
-) -> (HeaderValue, Added) {
+    keep_id: bool,
+) -> (Option<HeaderValue>, Added) {
     let seen = Seen::scan(headers);
     remove_seen_hop_by_hop(headers, &seen);
     let mut added = Added::with_capacity(ADDED);
@@ -143,14 +145,15 @@ pub fn to_upstream(
         added.push((header::CONNECTION, HeaderValue::from_static("close")));
     }
     let id = match seen.request_id.then(|| headers.get(X_REQUEST_ID)).flatten() {
-        Some(id) if !id.is_empty() => id.clone(),
+        Some(id) if !id.is_empty() => keep_id.then(|| id.clone()),
         _ => {
             if seen.request_id {
                 headers.remove(X_REQUEST_ID);
             }
             let id = new_request_id();
-            added.push((X_REQUEST_ID, id.clone()));
-            id
+            let kept = keep_id.then(|| id.clone());
+            added.push((X_REQUEST_ID, id));
+            kept
         }
     };
     (id, added)
@@ -222,11 +225,11 @@ mod tests {
     /// What the upstream is sent: the client's map as `to_upstream` leaves it, then the lines
     /// it adds. Returns the request id.
     fn sent(h: &mut HeaderMap, fwd: &Forwarded<'_>, reuse: bool) -> HeaderValue {
-        let (id, added) = to_upstream(h, fwd, reuse);
+        let (id, added) = to_upstream(h, fwd, reuse, true);
         for (name, value) in added {
             h.append(name, value);
         }
-        id
+        id.expect("kept when asked for")
     }
 
     #[test]
@@ -275,6 +278,25 @@ mod tests {
             sent(&mut h, &fwd, true);
             let hosts: Vec<_> = h.get_all(header::HOST).iter().collect();
             assert_eq!(hosts, [&routed], "{h:?}");
+        }
+    }
+
+    #[test]
+    fn the_request_id_is_kept_only_when_asked_for_and_sent_either_way() {
+        for keep in [true, false] {
+            let mut h = HeaderMap::new();
+            let (id, added) = to_upstream(&mut h, &from_localhost(None), true, keep);
+            assert_eq!(id.is_some(), keep);
+            let sent = added
+                .iter()
+                .find(|(n, _)| n == X_REQUEST_ID)
+                .map(|(_, v)| v);
+            assert_eq!(sent.map(HeaderValue::len), Some(32));
+            let mut h = map(&[("x-request-id", "from-client")]);
+            let (id, added) = to_upstream(&mut h, &from_localhost(None), true, keep);
+            assert_eq!(id.map(|id| id == "from-client"), keep.then_some(true));
+            assert_eq!(h["x-request-id"], "from-client");
+            assert!(added.iter().all(|(n, _)| n != X_REQUEST_ID));
         }
     }
 
