@@ -25,7 +25,7 @@ use tokio::sync::Notify;
 
 use crate::config::DownstreamConfig;
 use crate::hop;
-use crate::proxy::body::ResponseBody;
+use crate::proxy::body::{Dropped, ResponseBody};
 use crate::proxy::{Abort, Client, Proxy};
 use io::{ClientSide, Tracker, Wait};
 use observed::Observed;
@@ -337,7 +337,7 @@ impl Downstream {
         let (requests, conflicting_framing) = tracker.begin();
         // Ends the request on its connection when the response body is dropped, or right
         // away if the proxy asks to abort.
-        let in_flight = InFlight(tracker.clone());
+        let in_flight = InFlight(Some(tracker.clone()));
         let keep_alive = hop::wants_keep_alive(req.version(), req.headers());
         let client = Client {
             addr,
@@ -360,16 +360,34 @@ impl Downstream {
         } else {
             parts.headers.insert(KEEP_ALIVE, self.hint.clone());
         }
-        Ok(Response::from_parts(parts, body.guard(Box::new(in_flight))))
+        Ok(Response::from_parts(
+            parts,
+            body.on_drop(in_flight.hand_over()),
+        ))
     }
 }
 
-/// Marks the end of a request on its client connection when the response body is dropped.
-struct InFlight(Arc<Tracker>);
+/// Marks the end of a request on its client connection if the request ends without a
+/// response body; the body, once there is one, marks it when it is dropped.
+struct InFlight(Option<Arc<Tracker>>);
+
+impl InFlight {
+    fn hand_over(mut self) -> Arc<Tracker> {
+        self.0.take().expect("handed over once")
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.end();
+        if let Some(tracker) = self.0.take() {
+            tracker.end();
+        }
+    }
+}
+
+impl Dropped for Tracker {
+    fn dropped(&self) {
+        self.end();
     }
 }
 

@@ -5,6 +5,7 @@
 //! refused before it reaches the upstream.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -285,13 +286,19 @@ pub trait OnEnd: Send + Sync + 'static {
     fn on_end(self: Box<Self>, end: End, body_bytes: u64, lease: Option<Lease>);
 }
 
+/// Told when a response body is dropped, after its [`OnEnd`] ran: the downstream side's
+/// count of the requests in flight on a connection. Shared, not boxed: the connection's own
+/// state takes it, with no allocation per request.
+pub trait Dropped: Send + Sync + 'static {
+    fn dropped(&self);
+}
+
 /// The response body on its way to the client.
 pub struct ResponseBody {
     kind: Kind,
     on_end: Option<Box<dyn OnEnd>>,
     sent: u64,
-    /// Dropped with the body, after `on_end` ran: the downstream side's in-flight marker.
-    guard: Option<Box<dyn Send + Sync>>,
+    dropped: Option<Arc<dyn Dropped>>,
 }
 
 enum Kind {
@@ -314,7 +321,7 @@ impl ResponseBody {
             kind: Kind::Local((!bytes.is_empty()).then_some(bytes)),
             on_end: None,
             sent: 0,
-            guard: None,
+            dropped: None,
         }
     }
 
@@ -329,7 +336,7 @@ impl ResponseBody {
             },
             on_end: None,
             sent: 0,
-            guard: None,
+            dropped: None,
         }
     }
 
@@ -339,9 +346,9 @@ impl ResponseBody {
         self
     }
 
-    /// Keeps `guard` alive as long as the body.
-    pub fn guard(mut self, guard: Box<dyn Send + Sync>) -> ResponseBody {
-        self.guard = Some(guard);
+    /// Tells `dropped` when the body is dropped.
+    pub fn on_drop(mut self, dropped: Arc<dyn Dropped>) -> ResponseBody {
+        self.dropped = Some(dropped);
         self
     }
 
@@ -364,6 +371,9 @@ impl Drop for ResponseBody {
             End::Abandoned
         };
         self.finish(end);
+        if let Some(dropped) = self.dropped.take() {
+            dropped.dropped();
+        }
     }
 }
 
