@@ -255,20 +255,26 @@ async fn send(
     let mark = conn.mark();
     conn.start(&head.method, &head.uri, &head.headers, &head.added, body);
     let try_deadline = per_try.map(|t| sent_at + t);
-    loop {
-        // The timer is set before the first write, and the sending may end before it
-        // fires: it wakes at the sooner of the two quiet limits, and the limit that applies
-        // is checked when it does.
+    // The quiet limit that applies now: the sending's while some of the request is still
+    // going out, the reading's after. Set anew at each wait, so the timer follows the
+    // exchange from one to the other; a timer fired at one limit and checked against the
+    // other was set again to the same past deadline, a busy loop.
+    let quiet_deadline = |conn: &UpstreamConn| {
         let quiet = if conn.is_sending() {
-            send_timeout.min(read)
+            send_timeout
         } else {
             read
         };
-        let idle_deadline = conn.last_progress().max(sent_at) + quiet;
-        let deadline = try_deadline.map_or(idle_deadline, |t| t.min(idle_deadline));
+        conn.last_progress().max(sent_at) + quiet
+    };
+    loop {
         let polled = poll_fn(|cx| match conn.poll_response(cx) {
             Poll::Ready(res) => Poll::Ready(Some(res)),
-            Poll::Pending => conn.poll_deadline(cx, deadline).map(|()| None),
+            Poll::Pending => {
+                let idle = quiet_deadline(conn);
+                let deadline = try_deadline.map_or(idle, |t| t.min(idle));
+                conn.poll_deadline(cx, deadline).map(|()| None)
+            }
         })
         .await;
         match polled {
@@ -286,10 +292,8 @@ async fn send(
                 if let Some(t) = try_deadline.filter(|t| *t <= now) {
                     return Err((Failure::ReadTimeout(t - sent_at), None));
                 }
-                let sending = conn.is_sending();
-                let quiet = if sending { send_timeout } else { read };
-                if conn.last_progress().max(sent_at) + quiet <= now {
-                    let failure = if sending {
+                if quiet_deadline(conn) <= now {
+                    let failure = if conn.is_sending() {
                         Failure::SendTimeout(send_timeout)
                     } else {
                         Failure::ReadTimeout(read)
