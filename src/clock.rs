@@ -1,11 +1,12 @@
 //! One reading of the clock per poll of a client connection's task.
 //!
-//! A request reads the time about a dozen times: its start, the pick and the checkout, the
-//! write, the response, its end, and the client connection's own stamps. Most of them fall
-//! in one poll of its connection's task. On a virtual machine a reading costs tens of
-//! nanoseconds; at 16 readings per request `perf` put 3 % of the proxy's CPU in the clock.
-//! Within one poll the first reading is at most microseconds old, far below the millisecond
-//! grain of every timeout and age kaguard keeps, so every reading in a poll shares it.
+//! A request read the clock 16 times, 12 of them kaguard's: its start, the pick and the
+//! checkout, the write, the response, its end, and the client connection's own stamps. Most
+//! of them fall in one poll of its connection's task. On a virtual machine a reading costs
+//! tens of nanoseconds; `perf` put 3 % of the proxy's CPU in the clock. Within one poll the
+//! first reading is at most microseconds old, far below the timeouts and ages kaguard keeps
+//! (milliseconds and up), so every reading in a poll shares it. A duration measured within
+//! one poll reads as zero; the exchanges kaguard times (connect, upstream latency) span polls.
 //!
 //! Outside such a poll (reapers, health checks, tools, tests) [`now`] reads the clock each
 //! time. Code that waits for the time to pass a deadline within one poll must read the clock

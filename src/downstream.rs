@@ -25,7 +25,7 @@ use tokio::sync::Notify;
 
 use crate::config::DownstreamConfig;
 use crate::hop;
-use crate::proxy::body::{Dropped, ResponseBody};
+use crate::proxy::body::{OnDrop, ResponseBody};
 use crate::proxy::{Abort, Client, Proxy};
 use io::{ClientSide, Tracker, Wait};
 use observed::Observed;
@@ -252,7 +252,6 @@ impl Downstream {
             let idle = tracker.idle_since()?;
             (*parked_after != Some(tracker.requests())).then_some(idle + PARK_AFTER)
         };
-        // Every reading of the clock in one poll shares one (see `clock`).
         let result = poll_fn(|cx| {
             crate::clock::one_poll(|| {
                 loop {
@@ -385,8 +384,8 @@ impl Drop for InFlight {
     }
 }
 
-impl Dropped for Tracker {
-    fn dropped(&self) {
+impl OnDrop for Tracker {
+    fn on_drop(&self) {
         self.end();
     }
 }

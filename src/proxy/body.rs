@@ -289,8 +289,8 @@ pub trait OnEnd: Send + Sync + 'static {
 /// Told when a response body is dropped, after its [`OnEnd`] ran: the downstream side's
 /// count of the requests in flight on a connection. Shared, not boxed: the connection's own
 /// state takes it, with no allocation per request.
-pub trait Dropped: Send + Sync + 'static {
-    fn dropped(&self);
+pub trait OnDrop: Send + Sync + 'static {
+    fn on_drop(&self);
 }
 
 /// The response body on its way to the client.
@@ -298,7 +298,7 @@ pub struct ResponseBody {
     kind: Kind,
     on_end: Option<Box<dyn OnEnd>>,
     sent: u64,
-    dropped: Option<Arc<dyn Dropped>>,
+    dropped: Option<Arc<dyn OnDrop>>,
 }
 
 enum Kind {
@@ -347,7 +347,7 @@ impl ResponseBody {
     }
 
     /// Tells `dropped` when the body is dropped.
-    pub fn on_drop(mut self, dropped: Arc<dyn Dropped>) -> ResponseBody {
+    pub fn on_drop(mut self, dropped: Arc<dyn OnDrop>) -> ResponseBody {
         self.dropped = Some(dropped);
         self
     }
@@ -372,7 +372,7 @@ impl Drop for ResponseBody {
         };
         self.finish(end);
         if let Some(dropped) = self.dropped.take() {
-            dropped.dropped();
+            dropped.on_drop();
         }
     }
 }
