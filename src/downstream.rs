@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
-use http::header::{self, HeaderName, HeaderValue};
+use http::header::{self, HeaderValue};
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
@@ -44,10 +44,6 @@ pub const IDLE_GRACE: Duration = Duration::from_secs(1);
 /// allocator returns it lazily (`bench/idle.sh`, before the lot and with mimalloc v3: 1.61 KiB
 /// per idle connection at 250 ms, 7.7 KiB at 1 s).
 pub const PARK_AFTER: Duration = Duration::from_millis(250);
-
-/// Built once: named at run time, `HeaderName::from_static` looks the name up among the
-/// standard ones on every response.
-const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 
 /// The future of one request, boxed: hyper keeps room for the service's future for as long
 /// as it serves a connection, and the proxy's is several KiB; a box lives only while a request
@@ -357,7 +353,9 @@ impl Downstream {
                 .headers
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         } else {
-            parts.headers.insert(KEEP_ALIVE, self.hint.clone());
+            parts
+                .headers
+                .insert(hop::KEEP_ALIVE_NAME, self.hint.clone());
         }
         Ok(Response::from_parts(
             parts,

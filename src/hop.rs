@@ -5,11 +5,15 @@
 use http::Version;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
+/// The `Keep-Alive` header's name: not among the `http` crate's standard names, so built here
+/// once; `HeaderName::from_static` named at run time looks it up among the standard ones.
+pub const KEEP_ALIVE_NAME: HeaderName = HeaderName::from_static("keep-alive");
+
 /// Hop-by-hop headers that never cross the proxy, besides those listed in `Connection`.
 /// A static, not a const: a const is built anew, and dropped, wherever it is named.
 pub static HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
+    KEEP_ALIVE_NAME,
     HeaderName::from_static("proxy-connection"),
     header::TE,
     header::TRAILER,

@@ -161,9 +161,6 @@ fn parse_with<'b>(
     Ok(Some((len, resp.code, version)))
 }
 
-/// Not among the `http` crate's standard names, but Node sends it on every response.
-const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-
 /// A header's name, and false when it is surely not hop-by-hop. The names most servers send
 /// on every response, in the case they send them, are matched as they are: the general
 /// parse lower-cases each name into a scratch buffer before it looks it up, which cost a
@@ -177,7 +174,8 @@ fn header_name(raw: &[u8]) -> Result<(HeaderName, bool), Invalid> {
         b"Content-Length" => (header::CONTENT_LENGTH, false),
         b"Connection" => (header::CONNECTION, true),
         b"Transfer-Encoding" => (header::TRANSFER_ENCODING, true),
-        b"Keep-Alive" => (KEEP_ALIVE, true),
+        // Node sends it on every response.
+        b"Keep-Alive" => (crate::hop::KEEP_ALIVE_NAME, true),
         _ => (HeaderName::from_bytes(raw).map_err(|_| Invalid)?, true),
     })
 }
