@@ -1,10 +1,14 @@
-//! The client side: accept loop, a hyper HTTP/1 server connection per client while it is busy
+//! The client side: accept loop, an HTTP/1 server connection per client while it is busy
 //! (an idle one holds only its socket), keep-alive rules, the client timeouts, and graceful
 //! shutdown.
 
+mod h1;
+mod head;
+mod incoming;
 mod io;
 mod lot;
 mod observed;
+mod response;
 
 use std::future::{Future, poll_fn};
 use std::net::SocketAddr;
@@ -16,10 +20,6 @@ use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderValue};
 use http::{Request, Response};
-use hyper::body::Incoming;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 
@@ -27,6 +27,10 @@ use crate::config::DownstreamConfig;
 use crate::hop;
 use crate::proxy::body::{OnDrop, ResponseBody};
 use crate::proxy::{Abort, Client, Proxy};
+use h1::Handling;
+#[cfg(test)]
+pub(crate) use incoming::Feed;
+pub use incoming::Incoming;
 use io::{ClientSide, Tracker, Wait};
 use observed::Observed;
 
@@ -35,8 +39,8 @@ use observed::Observed;
 /// closes a connection a client is about to write into: the race, avoided on our own side.
 pub const IDLE_GRACE: Duration = Duration::from_secs(1);
 
-/// How long a client connection stays idle before hyper's state for it, 16 KiB of buffers
-/// and more, is dropped until the client sends again. Above the pauses of the race
+/// How long a client connection stays idle before its HTTP/1 state, buffers and more, is
+/// dropped until the client sends again. Above the pauses of the race
 /// reproducer's quick sweeps (around 100 ms): with 100 ms, the quick demo's steady phase, after
 /// sweeps whose pauses crossed it, opened two to three times its usual upstream connections in
 /// 4 of 33 runs, for a reason not found yet (250 ms: 1 of 35; without parking: 0 of 52). Short,
@@ -45,20 +49,15 @@ pub const IDLE_GRACE: Duration = Duration::from_secs(1);
 /// per idle connection at 250 ms, 7.7 KiB at 1 s).
 pub const PARK_AFTER: Duration = Duration::from_millis(250);
 
-/// The future of one request, boxed: hyper keeps room for the service's future for as long
-/// as it serves a connection, and the proxy's is several KiB; a box lives only while a request
-/// does.
-type Handling = Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, Abort>> + Send>>;
-
-/// How a hyper connection ended.
+/// How a served spell of a connection ended.
 enum Served {
     /// The connection is over.
     Ended,
-    /// Idle: hyper's state is dropped, the socket comes back.
+    /// Idle: the HTTP/1 state is dropped, the socket comes back.
     Parked(Observed<ClientSide>),
 }
 
-/// A client connection between its hyper connections; all a parked one keeps.
+/// A client connection between its served spells; all a parked one keeps.
 struct Connection {
     io: Observed<ClientSide>,
     addr: SocketAddr,
@@ -159,10 +158,7 @@ impl Downstream {
         let _ = stream.set_nodelay(true);
         let tracker = Arc::new(Tracker::new(Instant::now()));
         let conn = Connection {
-            io: Observed::new(
-                stream,
-                ClientSide::new(tracker.clone(), self.max_header_size),
-            ),
+            io: Observed::new(stream, ClientSide::new(tracker.clone())),
             addr,
             serial: self.next_serial.fetch_add(1, Ordering::Relaxed),
             tracker,
@@ -174,14 +170,14 @@ impl Downstream {
     }
 
     /// Serves a client connection until it ends, or until it has been idle for
-    /// [`PARK_AFTER`]: then hyper's state is dropped, the task ends, and the connection waits
+    /// [`PARK_AFTER`]: then its HTTP/1 state is dropped, the task ends, and the connection waits
     /// in its lot until the client sends again (a new task serves it from there), the idle
     /// hold passes, or shutdown.
     async fn run(self: Arc<Self>, mut conn: Connection) {
         let metrics = self.proxy.metrics();
         let mut stop = pin!(self.shutdown.begun());
         loop {
-            // Not boxed: a parked connection has no task, so the room hyper's connection takes
+            // Not boxed: a parked connection has no task, so the room the HTTP/1 state takes
             // in this one is only held while the connection is busy.
             let served = self
                 .serve_until_parked(
@@ -211,8 +207,8 @@ impl Downstream {
         metrics.downstream_active.dec();
     }
 
-    /// Serves requests with a hyper connection until the client is done with the connection,
-    /// or it has been idle for [`PARK_AFTER`] and hyper's state is dropped.
+    /// Serves requests until the client is done with the connection, or it has been idle
+    /// for [`PARK_AFTER`] and the HTTP/1 state is dropped.
     async fn serve_until_parked(
         self: &Arc<Self>,
         io: Observed<ClientSide>,
@@ -224,19 +220,15 @@ impl Downstream {
     ) -> Served {
         let this = self.clone();
         let service_tracker = tracker.clone();
-        let service = service_fn(move |req: Request<Incoming>| -> Handling {
+        let service = move |req: Request<Incoming>| -> Handling {
             // The request's own future, boxed once: a wrapping block would hold it too, and
             // every layer is one more copy of several KiB per request.
             Box::pin(
                 this.clone()
                     .request(req, addr, serial, service_tracker.clone()),
             )
-        });
-        let mut conn = http1::Builder::new()
-            .keep_alive(true)
-            .header_read_timeout(None)
-            .max_header_size(self.max_header_size)
-            .serve_connection(TokioIo::new(io), service);
+        };
+        let mut conn = h1::Conn::new(io, self.max_header_size, service);
         let mut sleep = pin!(tokio::time::sleep(Duration::from_secs(3600)));
         let mut closing = false;
         // The waker `stop` was last polled with. Each poll of `stop` locks a waiter list that
@@ -251,8 +243,8 @@ impl Downstream {
         let result = poll_fn(|cx| {
             crate::clock::one_poll(|| {
                 loop {
-                    // Polled as a future, not without shutdown: hyper's shutdown flushes what is
-                    // left of the last response. A park's shutdown leaves the socket open.
+                    // Polled as a future, not without shutdown: its shutdown flushes what is left
+                    // of the last response. A park's shutdown leaves the socket open.
                     if let Poll::Ready(res) = Pin::new(&mut conn).poll(cx) {
                         return Poll::Ready(Some(res));
                     }
@@ -265,7 +257,7 @@ impl Downstream {
                         };
                     if stopping {
                         closing = true;
-                        Pin::new(&mut conn).graceful_shutdown();
+                        conn.graceful_shutdown();
                         continue;
                     }
                     let deadline = match tracker.wait(&self.timeouts) {
@@ -283,14 +275,14 @@ impl Downstream {
                     match tracker.wait(&self.timeouts) {
                         Wait::Idle(at) if !closing && Instant::now() < at => {
                             if parkable(parked_after).is_some() {
-                                // hyper reads again when polled; that read ends the stream.
+                                // The connection reads again when polled; that read ends it.
                                 *parked_after = Some(tracker.requests());
                                 tracker.ask_to_park();
                             }
                         }
                         Wait::Idle(_) if !closing => {
                             closing = true;
-                            Pin::new(&mut conn).graceful_shutdown();
+                            conn.graceful_shutdown();
                         }
                         Wait::Abort(_) => return Poll::Ready(None),
                         Wait::Idle(_) | Wait::Busy => return Poll::Pending,
@@ -302,10 +294,9 @@ impl Downstream {
         if tracker.take_parked() {
             // Ended by the park: an empty read buffer, or the start of a request the client
             // sent early, which the next connection reads first.
-            let parts = conn.into_parts();
-            let mut io = parts.io.into_inner();
-            if !parts.read_buf.is_empty() {
-                io.unread(parts.read_buf);
+            let (mut io, unread) = conn.into_parts();
+            if !unread.is_empty() {
+                io.unread(unread);
             }
             return Served::Parked(io);
         }

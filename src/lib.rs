@@ -29,4 +29,5 @@ pub mod route;
 pub mod server;
 pub mod tools;
 pub mod upstream;
+pub mod wire;
 pub mod worker;

@@ -15,9 +15,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::downstream::Incoming;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
-use hyper::body::Incoming;
 
 use crate::access_log::{self, AccessLog, Entry, RequestLine};
 use crate::config::Config;

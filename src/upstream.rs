@@ -15,18 +15,18 @@ mod encode;
 mod idle;
 
 use std::collections::VecDeque;
-use std::io::{self, IoSlice};
+use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Response, Uri};
 use hyper::body::{Frame, SizeHint};
-use tokio::io::AsyncWrite;
+
 use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
@@ -48,9 +48,6 @@ const READ_MAX: usize = 256 * 1024;
 
 /// Where a new connection's timer starts: far off, as no exchange has set it yet.
 const IDLE_TIMER: Duration = Duration::from_secs(24 * 3600);
-
-/// Most buffers handed to one vectored write; a chunked body queues three per chunk.
-const WRITE_SLICES: usize = 16;
 
 /// Why an exchange stopped. [`UpstreamConn::failure`] types it by how far the exchange got.
 #[derive(Debug, thiserror::Error)]
@@ -433,33 +430,13 @@ impl UpstreamConn {
     fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ConnError>> {
         loop {
             while !self.out.is_empty() {
-                let mut slices = [IoSlice::new(&[]); WRITE_SLICES];
-                let mut count = 0;
-                for (slot, bytes) in slices.iter_mut().zip(&self.out) {
-                    *slot = IoSlice::new(bytes);
-                    count += 1;
-                }
-                let n = match Pin::new(&mut self.stream).poll_write_vectored(cx, &slices[..count]) {
+                let n = match crate::wire::poll_write_queue(&mut self.stream, &mut self.out, cx) {
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(Err(err)) => return Poll::Ready(Err(ConnError::Io(err))),
-                    Poll::Ready(Ok(0)) => {
-                        return Poll::Ready(Err(ConnError::Io(io::ErrorKind::WriteZero.into())));
-                    }
                     Poll::Ready(Ok(n)) => n,
                 };
                 self.written += n as u64;
                 self.last_progress = crate::clock::now();
-                let mut left = n;
-                while left > 0 {
-                    let front = self.out.front_mut().expect("written bytes were queued");
-                    if front.len() <= left {
-                        left -= front.len();
-                        self.out.pop_front();
-                    } else {
-                        front.advance(left);
-                        left = 0;
-                    }
-                }
             }
             let Some(sending) = self.sending.as_mut() else {
                 return Poll::Ready(Ok(()));

@@ -337,3 +337,47 @@ async fn a_request_head_begun_before_the_connection_parked_gets_the_header_timeo
         with_header_timeout(b"GET / HTTP/1.1\r\nHost: t\r\n\r\nGET /second HTTP/1.1\r\nHo").await;
     assert_eq!(seen.matches("HTTP/1.1 200").count(), 1, "{seen}");
 }
+
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order() {
+    let up = upstream(Behaviour::default()).await;
+    let kg = start(config(&[up.addr()])).await;
+    let mut stream = tokio::net::TcpStream::connect(kg.addr).await.unwrap();
+    stream
+        .write_all(b"GET /a HTTP/1.1\r\nHost: t\r\n\r\nGET /b HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let out = read_until_closed(&mut stream).await;
+    assert_eq!(out.matches("HTTP/1.1 200 OK\r\n").count(), 2, "{out}");
+    let uris: Vec<String> = up.seen().into_iter().map(|r| r.uri).collect();
+    assert_eq!(uris, ["/a", "/b"]);
+}
+
+/// A client that closes its connection while the upstream works ends the request then, as
+/// in nginx: its connection is not held until the upstream answers.
+#[tokio::test]
+async fn a_client_gone_before_its_response_ends_its_connection_at_once() {
+    let up = upstream(Behaviour {
+        delay: PATIENCE * 3,
+        ..Behaviour::default()
+    })
+    .await;
+    let kg = start(config(&[up.addr()])).await;
+    let mut stream = tokio::net::TcpStream::connect(kg.addr).await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let series = "kaguard_downstream_connections_active";
+    kg.metric_reaches(series, 1.0).await;
+    // Wait for the request to reach the upstream, so that kaguard is waiting on it.
+    for _ in 0..(PATIENCE.as_millis() / 10) {
+        if up.requests() > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(up.requests(), 1);
+    drop(stream);
+    kg.metric_reaches(series, 0.0).await;
+}

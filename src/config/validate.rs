@@ -14,7 +14,8 @@ use super::{
 };
 use super::{health, retry, servers};
 
-/// hyper's `max_buf_size` panics below 8192; rejecting it here names the key instead.
+/// The smallest header limit accepted: nginx's default header buffer (8k); a smaller one
+/// refuses heads that browsers send with ordinary cookies.
 const MIN_HEADER_SIZE: u64 = 8192;
 
 /// Zero hints: what to write instead of a zero duration, appended to the error.

@@ -49,10 +49,10 @@ pub(super) fn park(entrance: &Entrance, conn: Connection, metrics: &Metrics) {
     }
 }
 
-/// A connection leaving the lot for good: the close hyper would have made.
+/// A connection leaving the lot for good: the close its HTTP/1 state would have made.
 pub(super) fn close(mut conn: Connection, metrics: &Metrics) {
     // A TCP shutdown completes at once; nothing is left to flush on a parked connection, and
-    // the park's "keep open" mark was cleared when hyper's connection ended.
+    // the park's "keep open" mark was cleared when its HTTP/1 state ended.
     let _ = Pin::new(&mut conn.io).poll_shutdown(&mut Context::from_waker(Waker::noop()));
     metrics.downstream_active.dec();
 }
@@ -241,7 +241,8 @@ impl Lot {
     }
 }
 
-/// Whether the client sent something (or closed, or failed: hyper sees and reports it).
+/// Whether the client sent something (or closed, or failed: the connection sees and
+/// reports it).
 /// Polling registers `waker` with the socket.
 fn readable(conn: &Connection, waker: &Waker) -> bool {
     let mut cx = Context::from_waker(waker);

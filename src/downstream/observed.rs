@@ -1,5 +1,5 @@
 //! The client's `TcpStream`, telling an [`Observer`] what passes through it, so that the
-//! client side's timeouts, framing check and park see every read and write hyper makes.
+//! client side's timeouts and park see every read and write the connection makes.
 
 use std::io;
 use std::pin::Pin;
@@ -30,7 +30,7 @@ pub(super) trait Observer {
     }
 }
 
-/// The stream hyper drives, with its observer.
+/// The stream the HTTP/1 connection drives, with its observer.
 pub(super) struct Observed<O> {
     stream: TcpStream,
     pub(super) observer: O,

@@ -12,10 +12,11 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, StatusCode};
 use http_body_util::BodyExt;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
 use super::group::Lease;
+use crate::downstream::Incoming;
 use crate::upstream::ConnError;
 
 /// Why a client's request body could not be forwarded.
@@ -50,16 +51,6 @@ impl BodyError {
             BodyError::Timeout => "downstream_request_body_timeout",
             BodyError::Malformed => "downstream_request_body_malformed",
             BodyError::Closed => "downstream_remote_disconnect",
-        }
-    }
-
-    fn from_hyper(err: &hyper::Error) -> BodyError {
-        if err.is_incomplete_message() || err.is_canceled() || err.is_closed() {
-            BodyError::Closed
-        } else if err.is_timeout() {
-            BodyError::Timeout
-        } else {
-            BodyError::Malformed
         }
     }
 }
@@ -145,7 +136,7 @@ impl RequestBody {
                     ended = true;
                     break;
                 }
-                Ok(Some(Err(err))) => return Err(BodyError::from_hyper(&err)),
+                Ok(Some(Err(err))) => return Err(err),
                 Ok(Some(Ok(frame))) => frame,
             };
             match frame.into_data() {
@@ -231,7 +222,7 @@ impl Body for RequestBody {
             }
             Poll::Ready(Some(Err(err))) => {
                 this.rest = None;
-                Poll::Ready(Some(Err(BodyError::from_hyper(&err))))
+                Poll::Ready(Some(Err(err)))
             }
             Poll::Ready(Some(Ok(frame))) => {
                 this.gap.progressed();

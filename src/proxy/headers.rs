@@ -102,8 +102,8 @@ pub fn to_upstream(
     let seen = Seen::scan(headers);
     remove_seen_hop_by_hop(headers, &seen);
     let mut added = Added::with_capacity(ADDED);
-    // kaguard answers `Expect: 100-continue` itself (hyper sends the 100 when the body is
-    // first read), so the upstream never waits for a continue that nobody relays.
+    // kaguard answers `Expect: 100-continue` itself (the client connection sends the 100 when
+    // the body is first read), so the upstream never waits for a continue nobody relays.
     if seen.expect {
         headers.remove(header::EXPECT);
     }

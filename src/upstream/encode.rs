@@ -12,6 +12,7 @@ use http::{Method, Uri};
 use hyper::body::Body;
 
 use crate::proxy::body::{BodyError, RequestBody};
+use crate::wire::chunked::{chunk_size, end_chunks};
 
 /// A held body up to this size is copied behind the head, so that the request leaves in
 /// one write of one buffer; a larger one goes out as its own buffer, uncopied.
@@ -66,15 +67,11 @@ pub(super) fn request(
     head.put_u8(b' ');
     head.put_slice(path.as_bytes());
     head.put_slice(b" HTTP/1.1\r\n");
-    for (name, value) in headers.iter().chain(added.iter().map(|(n, v)| (n, v))) {
-        if chunked && name == header::CONTENT_LENGTH {
-            continue;
-        }
-        head.put_slice(name.as_str().as_bytes());
-        head.put_slice(b": ");
-        head.put_slice(value.as_bytes());
-        head.put_slice(b"\r\n");
-    }
+    let lines = headers.iter().chain(added.iter().map(|(n, v)| (n, v)));
+    crate::wire::put_lines(
+        &mut head,
+        lines.filter(|(name, _)| !(chunked && *name == header::CONTENT_LENGTH)),
+    );
     if chunked {
         head.put_slice(b"transfer-encoding: chunked\r\n");
     } else if length.is_none() && data_len > 0 {
@@ -88,8 +85,8 @@ pub(super) fn request(
     }
     match data {
         Some(data) if chunked => {
-            let _ = write!(head, "{:x}\r\n", data.len());
             out.push_back(head.freeze());
+            out.push_back(chunk_size(data.len()));
             out.push_back(data);
             out.push_back(Bytes::from_static(b"\r\n"));
         }
@@ -107,23 +104,6 @@ pub(super) fn request(
         out.push_back(end_chunks(trailers.as_deref()));
     }
     None
-}
-
-/// The last chunk and the trailer section.
-fn end_chunks(trailers: Option<&HeaderMap>) -> Bytes {
-    let Some(trailers) = trailers else {
-        return Bytes::from_static(b"0\r\n\r\n");
-    };
-    let mut end = BytesMut::with_capacity(64);
-    end.put_slice(b"0\r\n");
-    for (name, value) in trailers {
-        end.put_slice(name.as_str().as_bytes());
-        end.put_slice(b": ");
-        end.put_slice(value.as_bytes());
-        end.put_slice(b"\r\n");
-    }
-    end.put_slice(b"\r\n");
-    end.freeze()
 }
 
 impl Sending {
@@ -159,9 +139,7 @@ impl Sending {
             return Poll::Ready(Ok(false));
         }
         if self.chunked {
-            let mut size = BytesMut::with_capacity(18);
-            let _ = write!(size, "{:x}\r\n", data.len());
-            out.push_back(size.freeze());
+            out.push_back(chunk_size(data.len()));
             out.push_back(data);
             out.push_back(Bytes::from_static(b"\r\n"));
         } else {

@@ -141,57 +141,24 @@ async fn an_idle_connection_closed_by_the_upstream_wakes_its_watcher_and_times_t
 }
 
 /// A client's request body, streamed: a POST announcing 1000 bytes, of which the client has
-/// sent 10. [`Cut::now`] closes the client's connection, which fails the body.
+/// sent 10. [`Cut::now`] fails the body as the client's close does.
 struct Cut {
-    client: tokio::net::TcpStream,
+    feed: crate::downstream::Feed,
 }
 
 impl Cut {
     async fn body() -> (RequestBody, Cut) {
-        use http_body_util::Empty;
-        use hyper::body::Incoming;
-        use hyper_util::rt::TokioIo;
-        use std::sync::Mutex;
-
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let (body_tx, body_rx) = oneshot::channel::<Incoming>();
-        let body_tx = Arc::new(Mutex::new(Some(body_tx)));
-        tokio::spawn(async move {
-            let (sock, _) = listener.accept().await.expect("accept");
-            let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
-                if let Some(tx) = body_tx.lock().expect("not poisoned").take() {
-                    let _ = tx.send(req.into_body());
-                }
-                // Never answers: the connection ends with the client's close.
-                std::future::pending::<Result<http::Response<Empty<Bytes>>, std::io::Error>>()
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(sock), service)
-                .await;
-        });
-        let mut client = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        client
-            .write_all(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 1000\r\n\r\n0123456789")
-            .await
-            .expect("write");
-        let incoming = tokio::time::timeout(PATIENCE, body_rx)
-            .await
-            .expect("in time")
-            .expect("the body");
+        let (feed, incoming) = crate::downstream::Feed::new(Some(1000));
+        feed.data(b"0123456789");
         let body = RequestBody::prefetch(incoming, 0, 0, PATIENCE)
             .await
             .expect("nothing read yet");
         assert!(body.is_streamed());
-        (body, Cut { client })
+        (body, Cut { feed })
     }
 
-    /// Closes the client's connection. A loopback close reaches the other end at once, and
-    /// hyper's connection task, which waits to read more of the body, fails the body as soon
-    /// as it runs: the pause lets it run.
     async fn now(self) {
-        drop(self.client);
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        self.feed.cut();
     }
 }
 

@@ -1,0 +1,292 @@
+//! A client's request head as it comes off the wire: the request line, the header map, and
+//! how the body is delimited (RFC 9112 §6.3).
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Uri, Version};
+
+use crate::wire::chunked::Chunked;
+
+/// Most header lines a request head may carry: as many as hyper's server allowed, which
+/// read them before kaguard did.
+const MAX_HEADERS: usize = 100;
+
+/// Header slots tried first: a request rarely carries more, and filling the slots is a cost
+/// of every parse.
+const FEW_HEADERS: usize = 24;
+
+/// Why a head was refused; each is answered before the connection closes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Refused {
+    /// 400: not HTTP/1, or framed in a way kaguard does not forward.
+    Invalid(&'static str),
+    /// 431: longer than `max_header_size`, or too many lines.
+    TooLarge,
+}
+
+/// How a request body ends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum Framing {
+    Length(u64),
+    Chunked(Chunked),
+}
+
+/// A complete request head.
+#[derive(Debug)]
+pub(super) struct Head {
+    pub(super) request: Request<()>,
+    pub(super) framing: Framing,
+    /// Both Content-Length and Transfer-Encoding: the service refuses it, and logs why.
+    pub(super) conflict: bool,
+    /// The client waits for a 100 (Continue) before it sends the body.
+    pub(super) expects_continue: bool,
+}
+
+/// Where a header's name and value lie in the buffer.
+pub(super) type Spans = ((usize, usize), (usize, usize));
+
+/// The request line's parts, as positions in the buffer.
+struct Line {
+    len: usize,
+    method: (usize, usize),
+    target: (usize, usize),
+    version: Version,
+}
+
+/// Parses a request head off the front of `buf`. `None` until a whole head is there; its
+/// bytes then leave `buf`, and the values of its header map share them.
+pub(super) fn parse(
+    buf: &mut BytesMut,
+    limit: usize,
+    spans: &mut Vec<Spans>,
+) -> Result<Option<Head>, Refused> {
+    let Some(line) = locate(buf, limit, spans)? else {
+        return Ok(None);
+    };
+    let bytes = buf.split_to(line.len).freeze();
+    let method = Method::from_bytes(&bytes[line.method.0..line.method.1])
+        .map_err(|_| Refused::Invalid("invalid method"))?;
+    let uri = Uri::from_maybe_shared(bytes.slice(line.target.0..line.target.1))
+        .map_err(|_| Refused::Invalid("invalid request target"))?;
+    let mut headers = HeaderMap::with_capacity(spans.len());
+    let mut length: Option<u64> = None;
+    let mut chunked: Option<bool> = None;
+    let mut expects_continue = false;
+    for &(name, value) in spans.iter() {
+        let name = header_name(&bytes[name.0..name.1])?;
+        let value = HeaderValue::from_maybe_shared(bytes.slice(value.0..value.1))
+            .map_err(|_| Refused::Invalid("invalid header value"))?;
+        if name == header::CONTENT_LENGTH {
+            length = Some(content_length(&value, length)?);
+        } else if name == header::TRANSFER_ENCODING {
+            // The last line's last coding is the final one.
+            let last = value.to_str().ok().and_then(|v| v.rsplit(',').next());
+            chunked = Some(last.is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked")));
+        } else if name == header::EXPECT {
+            expects_continue = value.as_bytes().eq_ignore_ascii_case(b"100-continue");
+        }
+        headers.append(name, value);
+    }
+    let framing = match chunked {
+        Some(true) => Framing::Chunked(Chunked::Size),
+        // RFC 9112 §6.3: a request whose final coding is not chunked cannot be delimited.
+        Some(false) => return Err(Refused::Invalid("transfer coding other than chunked")),
+        None => Framing::Length(length.unwrap_or(0)),
+    };
+    let mut request = Request::new(());
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    *request.version_mut() = line.version;
+    *request.headers_mut() = headers;
+    Ok(Some(Head {
+        request,
+        framing,
+        conflict: chunked.is_some() && length.is_some(),
+        expects_continue: expects_continue && line.version == Version::HTTP_11,
+    }))
+}
+
+/// The value of a Content-Length line: lines and comma-separated lists alike must all be the
+/// same number, or the request is refused.
+fn content_length(value: &HeaderValue, seen: Option<u64>) -> Result<u64, Refused> {
+    let invalid = Refused::Invalid("invalid content-length");
+    let text = value.to_str().map_err(|_| invalid)?;
+    let mut length = seen;
+    for part in text.split(',').map(str::trim) {
+        if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(invalid);
+        }
+        let n: u64 = part.parse().map_err(|_| invalid)?;
+        if length.is_some_and(|l| l != n) {
+            return Err(invalid);
+        }
+        length = Some(n);
+    }
+    length.ok_or(invalid)
+}
+
+/// A header's name. The ones most clients send, in the case they send them, are matched as
+/// they are: the general parse lower-cases each name into a scratch buffer first.
+fn header_name(raw: &[u8]) -> Result<HeaderName, Refused> {
+    Ok(match raw {
+        b"Host" => header::HOST,
+        b"User-Agent" => header::USER_AGENT,
+        b"Accept" => header::ACCEPT,
+        b"Content-Type" => header::CONTENT_TYPE,
+        b"Content-Length" => header::CONTENT_LENGTH,
+        b"Connection" => header::CONNECTION,
+        _ => HeaderName::from_bytes(raw).map_err(|_| Refused::Invalid("invalid header name"))?,
+    })
+}
+
+/// Where the parts of a complete head lie in `buf`.
+fn locate(buf: &BytesMut, limit: usize, spans: &mut Vec<Spans>) -> Result<Option<Line>, Refused> {
+    let mut few = [httparse::EMPTY_HEADER; FEW_HEADERS];
+    match locate_with(buf, limit, &mut few, spans) {
+        Err(Refused::TooLarge) if buf.len() <= limit => {
+            let mut all = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            locate_with(buf, limit, &mut all, spans)
+        }
+        located => located,
+    }
+}
+
+fn locate_with<'b>(
+    buf: &'b BytesMut,
+    limit: usize,
+    slots: &mut [httparse::Header<'b>],
+    spans: &mut Vec<Spans>,
+) -> Result<Option<Line>, Refused> {
+    let mut req = httparse::Request::new(slots);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(len)) if len <= limit => len,
+        Ok(httparse::Status::Complete(_)) | Err(httparse::Error::TooManyHeaders) => {
+            return Err(Refused::TooLarge);
+        }
+        Ok(httparse::Status::Partial) if buf.len() > limit => return Err(Refused::TooLarge),
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(_) => return Err(Refused::Invalid("invalid request head")),
+    };
+    let version = match req.version {
+        Some(1) => Version::HTTP_11,
+        Some(0) => Version::HTTP_10,
+        _ => return Err(Refused::Invalid("unsupported version")),
+    };
+    let base = buf.as_ptr() as usize;
+    let at = |s: &[u8]| {
+        let start = s.as_ptr() as usize - base;
+        (start, start + s.len())
+    };
+    let (Some(method), Some(target)) = (req.method, req.path) else {
+        return Err(Refused::Invalid("invalid request line"));
+    };
+    spans.clear();
+    spans.extend(
+        req.headers
+            .iter()
+            .map(|h| (at(h.name.as_bytes()), at(h.value))),
+    );
+    Ok(Some(Line {
+        len,
+        method: at(method.as_bytes()),
+        target: at(target.as_bytes()),
+        version,
+    }))
+}
+
+/// The head of a refusal, which closes the connection.
+pub(super) fn refusal(refused: Refused) -> Bytes {
+    Bytes::from_static(match refused {
+        Refused::Invalid(_) => {
+            b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+        }
+        Refused::TooLarge => {
+            b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parsed(raw: &[u8]) -> Result<Option<Head>, Refused> {
+        let mut buf = BytesMut::from(raw);
+        parse(&mut buf, 8192, &mut Vec::new())
+    }
+
+    #[test]
+    fn a_head_is_parsed_and_leaves_the_buffer() {
+        let mut buf = BytesMut::from(&b"GET /a?b HTTP/1.1\r\nHost: h\r\nX-Y: z\r\n\r\nNEXT"[..]);
+        let head = parse(&mut buf, 8192, &mut Vec::new()).unwrap().unwrap();
+        assert_eq!(head.request.method(), Method::GET);
+        assert_eq!(head.request.uri(), "/a?b");
+        assert_eq!(head.request.headers()["host"], "h");
+        assert_eq!(head.request.headers()["x-y"], "z");
+        assert_eq!(head.framing, Framing::Length(0));
+        assert_eq!(&buf[..], b"NEXT");
+    }
+
+    #[test]
+    fn a_partial_head_waits() {
+        assert!(parsed(b"GET / HTTP/1.1\r\nHost: h\r\n").unwrap().is_none());
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112() {
+        let chunked = parsed(b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n");
+        assert_eq!(
+            chunked.unwrap().unwrap().framing,
+            Framing::Chunked(Chunked::Size)
+        );
+        let length = parsed(b"POST / HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\n");
+        assert_eq!(length.unwrap().unwrap().framing, Framing::Length(5));
+        for refused in [
+            &b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n"[..],
+            b"POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: +3\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: \r\n\r\n",
+        ] {
+            assert!(
+                matches!(parsed(refused), Err(Refused::Invalid(_))),
+                "{}",
+                String::from_utf8_lossy(refused)
+            );
+        }
+        let both =
+            parsed(b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n");
+        assert!(both.unwrap().unwrap().conflict);
+    }
+
+    #[test]
+    fn fast_names_are_the_names_the_general_parse_gives() {
+        for raw in [
+            "Host",
+            "User-Agent",
+            "Accept",
+            "Content-Type",
+            "Content-Length",
+            "Connection",
+        ] {
+            let general = HeaderName::from_bytes(raw.as_bytes()).unwrap();
+            assert_eq!(header_name(raw.as_bytes()).unwrap(), general, "{raw}");
+        }
+    }
+
+    #[test]
+    fn expect_continue_counts_only_in_http11() {
+        let h11 = parsed(b"POST / HTTP/1.1\r\nExpect: 100-Continue\r\nContent-Length: 1\r\n\r\n");
+        assert!(h11.unwrap().unwrap().expects_continue);
+        let h10 = parsed(b"POST / HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n");
+        assert!(!h10.unwrap().unwrap().expects_continue);
+    }
+
+    #[test]
+    fn a_head_past_the_limit_is_too_large() {
+        let mut raw = b"GET / HTTP/1.1\r\nX: ".to_vec();
+        raw.extend(std::iter::repeat_n(b'a', 9000));
+        assert_eq!(parsed(&raw).unwrap_err(), Refused::TooLarge);
+        raw.extend_from_slice(b"\r\n\r\n");
+        assert_eq!(parsed(&raw).unwrap_err(), Refused::TooLarge);
+    }
+}

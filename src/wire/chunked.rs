@@ -1,0 +1,136 @@
+//! The chunked transfer coding (RFC 9112 §7.1) as it comes off the wire, the same from a
+//! client and from an upstream: bytes in, data and trailers out.
+
+use std::fmt::Write as _;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+
+/// Longest chunk-size line (size and extensions) kept waiting for its end.
+const MAX_CHUNK_LINE: usize = 4 * 1024;
+
+/// Most trailer lines after a chunked body; trailers are rare and small.
+const MAX_TRAILERS: usize = 32;
+
+/// Largest trailer section kept waiting for its end: as large as a head may be.
+const MAX_TRAILER_BYTES: usize = 64 * 1024;
+
+/// The peer sent bytes that are not HTTP/1.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Invalid;
+
+/// Where a chunked body's reader stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Chunked {
+    Size,
+    Data(u64),
+    /// The CRLF after a chunk's data.
+    DataEnd,
+    Trailers,
+    Done,
+}
+
+/// What one step of the chunked reader found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step {
+    Data(Bytes),
+    Trailers(HeaderMap),
+    NeedMore,
+    End,
+}
+
+impl Chunked {
+    /// Reads the next piece of the body off the front of `buf`.
+    pub fn step(&mut self, buf: &mut BytesMut) -> Result<Step, Invalid> {
+        loop {
+            match *self {
+                // httparse reads a size line without digits as 0, the last chunk; a size
+                // the upstream did not send must not end the body.
+                Chunked::Size if buf.first().is_some_and(|b| !b.is_ascii_hexdigit()) => {
+                    return Err(Invalid);
+                }
+                Chunked::Size => match httparse::parse_chunk_size(buf) {
+                    Ok(httparse::Status::Complete((len, size))) => {
+                        buf.advance(len);
+                        *self = if size == 0 {
+                            Chunked::Trailers
+                        } else {
+                            Chunked::Data(size)
+                        };
+                    }
+                    Ok(httparse::Status::Partial) if buf.len() > MAX_CHUNK_LINE => {
+                        return Err(Invalid);
+                    }
+                    Ok(httparse::Status::Partial) => return Ok(Step::NeedMore),
+                    Err(_) => return Err(Invalid),
+                },
+                Chunked::Data(left) => {
+                    if buf.is_empty() {
+                        return Ok(Step::NeedMore);
+                    }
+                    let n = left.min(buf.len() as u64);
+                    *self = if n == left {
+                        Chunked::DataEnd
+                    } else {
+                        Chunked::Data(left - n)
+                    };
+                    return Ok(Step::Data(buf.split_to(n as usize).freeze()));
+                }
+                Chunked::DataEnd => {
+                    if buf.len() < 2 {
+                        return Ok(Step::NeedMore);
+                    }
+                    if &buf[..2] != b"\r\n" {
+                        return Err(Invalid);
+                    }
+                    buf.advance(2);
+                    *self = Chunked::Size;
+                }
+                Chunked::Trailers => return self.trailers(buf),
+                Chunked::Done => return Ok(Step::End),
+            }
+        }
+    }
+
+    fn trailers(&mut self, buf: &mut BytesMut) -> Result<Step, Invalid> {
+        let mut slots = [httparse::EMPTY_HEADER; MAX_TRAILERS];
+        let (len, lines) = match httparse::parse_headers(buf, &mut slots) {
+            Ok(httparse::Status::Complete(done)) => done,
+            Ok(httparse::Status::Partial) if buf.len() > MAX_TRAILER_BYTES => return Err(Invalid),
+            Ok(httparse::Status::Partial) => return Ok(Step::NeedMore),
+            Err(_) => return Err(Invalid),
+        };
+        let mut trailers = HeaderMap::with_capacity(lines.len());
+        for line in lines.iter() {
+            let name = HeaderName::from_bytes(line.name.as_bytes()).map_err(|_| Invalid)?;
+            let value = HeaderValue::from_bytes(line.value).map_err(|_| Invalid)?;
+            trailers.append(name, value);
+        }
+        buf.advance(len);
+        *self = Chunked::Done;
+        Ok(if trailers.is_empty() {
+            Step::End
+        } else {
+            Step::Trailers(trailers)
+        })
+    }
+}
+
+/// The size line that goes before a chunk of `len` bytes.
+pub fn chunk_size(len: usize) -> Bytes {
+    let mut size = BytesMut::with_capacity(18);
+    let _ = write!(size, "{len:x}\r\n");
+    size.freeze()
+}
+
+/// The last chunk and the trailer section.
+pub fn end_chunks(trailers: Option<&HeaderMap>) -> Bytes {
+    let Some(trailers) = trailers else {
+        return Bytes::from_static(b"0\r\n\r\n");
+    };
+    let mut end = BytesMut::with_capacity(64);
+    end.put_slice(b"0\r\n");
+    super::put_lines(&mut end, trailers.iter());
+    end.put_slice(b"\r\n");
+    end.freeze()
+}
