@@ -591,3 +591,79 @@ async fn body_cut_short_by_upstream_is_logged_as_an_upstream_failure() {
     let line = lines.last().expect("one access log line");
     assert_eq!(line["response_flags"], "UC", "{line}");
 }
+
+/// An upstream that answers with a chunked head as soon as it has a request head, then reads
+/// the request's Content-Length body to its end and only then ends the response: a streaming
+/// endpoint. Returns its address and the body bytes it has read so far.
+async fn early_answering_upstream() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let got = std::sync::Arc::new(AtomicU64::new(0));
+    let seen = got.clone();
+    tokio::spawn(async move {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            return;
+        };
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut head = Vec::new();
+        let end = loop {
+            if let Some(at) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                break at + 4;
+            }
+            match tokio::time::timeout(PATIENCE, stream.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 && head.len() < 64 * 1024 => head.extend_from_slice(&buf[..n]),
+                _ => return,
+            }
+        };
+        let text = String::from_utf8_lossy(&head[..end]).to_ascii_lowercase();
+        let len: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("a content-length");
+        let mut body = (head.len() - end) as u64;
+        stream
+            .write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            .await
+            .unwrap();
+        while body < len {
+            match tokio::time::timeout(PATIENCE, stream.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => body += n as u64,
+                _ => return,
+            }
+            seen.store(body, Ordering::SeqCst);
+        }
+        let _ = stream.write_all(b"2\r\nOK\r\n0\r\n\r\n").await;
+        let _ = tokio::time::timeout(PATIENCE, stream.read(&mut buf)).await;
+    });
+    (addr, got)
+}
+
+/// The upstream's answer begins while the client still uploads: the rest of the upload goes
+/// on reaching it. Sent in pieces after the response head, so that each piece arrives while
+/// kaguard writes or waits on the response.
+#[tokio::test]
+async fn an_upload_goes_on_after_the_upstream_began_its_answer() {
+    let (up, got) = early_answering_upstream().await;
+    let kg = start(config(&[up])).await;
+    let mut conn = RawConn::connect(kg.addr).await;
+    let total = 300_000;
+    conn.write(format!("POST / HTTP/1.1\r\nHost: t\r\nContent-Length: {total}\r\n\r\n").as_bytes())
+        .await;
+    conn.write(&[b'a'; 100_000]).await;
+    let head = conn.head().await;
+    assert_eq!(head.status, 200, "{head:?}");
+    for _ in 0..20 {
+        conn.write(&[b'b'; 10_000]).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    while !conn.buf.ends_with(b"0\r\n\r\n") {
+        assert!(
+            conn.fill().await,
+            "closed; the upstream got {} of {total} body bytes",
+            got.load(std::sync::atomic::Ordering::SeqCst)
+        );
+    }
+    assert_eq!(got.load(std::sync::atomic::Ordering::SeqCst), total);
+}

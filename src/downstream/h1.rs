@@ -228,6 +228,11 @@ impl<F: FnMut(Request<Incoming>) -> Handling + Unpin> Future for Conn<F> {
                         }
                         Ok(None) => {}
                     }
+                    if !wire.buf.is_empty() {
+                        // Part of a head read ahead while the last request was handled: its
+                        // header timeout runs from now.
+                        wire.io.observer.head_begun();
+                    }
                     match std::task::ready!(wire.poll_fill(cx, HEAD_READ)) {
                         Ok(0) if wire.buf.is_empty() => this.finish(Ok(())),
                         Ok(0) => this.finish(Err(Error::Incomplete)),
@@ -253,10 +258,6 @@ impl<F: FnMut(Request<Incoming>) -> Handling + Unpin> Future for Conn<F> {
                     keep,
                 } => {
                     let wire = &mut this.wire;
-                    if let Err(err) = wire.poll_body(cx, false) {
-                        this.finish(Err(err));
-                        continue;
-                    }
                     match gather(body, framing, &mut wire.out, cx) {
                         Gathered::More => {}
                         Gathered::End { whole } => {
@@ -270,6 +271,16 @@ impl<F: FnMut(Request<Incoming>) -> Handling + Unpin> Future for Conn<F> {
                             // rest will not.
                             this.outcome = Some(Err(Error::ResponseBody));
                             this.state = State::Flushing { keep: false };
+                            continue;
+                        }
+                    }
+                    // After the gathering: the response body may have asked, through the
+                    // upstream's send, for more of a request body still arriving.
+                    match wire.poll_body(cx, false) {
+                        Ok(true) => continue,
+                        Ok(false) => {}
+                        Err(err) => {
+                            this.finish(Err(err));
                             continue;
                         }
                     }
@@ -373,13 +384,18 @@ impl Wire {
         Poll::Ready(Ok(()))
     }
 
-    /// Moves the request body along while the service runs: reads it when the body asks
-    /// for more and puts what it read in the slot. `Ok(true)` when the body has something
-    /// new. Without a body to read and with `watch` set, it watches for the client's close,
-    /// which ends the request as the client's going away does in nginx.
-    fn poll_body(&mut self, cx: &mut Context<'_>, watch: bool) -> Result<bool, Error> {
+    /// Moves the request body along while the request is handled: reads it when the body
+    /// asks for more and puts what it read in the slot. `Ok(true)` when the body has
+    /// something new. `before_response`: no response byte is queued yet, so a 100 (Continue)
+    /// may still go out, and without a body to read the client's close is watched for, which
+    /// ends the request as the client's going away does in nginx.
+    fn poll_body(&mut self, cx: &mut Context<'_>, before_response: bool) -> Result<bool, Error> {
         let Some(reading) = self.reading.as_mut() else {
-            return if watch { self.watch(cx) } else { Ok(false) };
+            return if before_response {
+                self.watch(cx)
+            } else {
+                Ok(false)
+            };
         };
         match reading.slot.demand() {
             Demand::Idle => return Ok(false),
@@ -390,8 +406,9 @@ impl Wire {
             }
             Demand::Wanted => {}
         }
-        if reading.send_continue {
-            reading.send_continue = false;
+        // Once the response has begun, a 100 would land inside it: the client that waits
+        // for one sends its body after its own pause, or learns of the close.
+        if std::mem::take(&mut reading.send_continue) && before_response {
             self.out
                 .push_back(Bytes::from_static(b"HTTP/1.1 100 Continue\r\n\r\n"));
         }

@@ -88,6 +88,10 @@ pub(super) fn parse(
         headers.append(name, value);
     }
     let framing = match chunked {
+        // RFC 9112 §6.1: an HTTP/1.0 message with a transfer coding has faulty framing.
+        Some(_) if line.version == Version::HTTP_10 => {
+            return Err(Refused::Invalid("transfer coding in HTTP/1.0"));
+        }
         Some(true) => Framing::Chunked(Chunked::Size),
         // RFC 9112 §6.3: a request whose final coding is not chunked cannot be delimited.
         Some(false) => return Err(Refused::Invalid("transfer coding other than chunked")),
@@ -143,34 +147,34 @@ fn header_name(raw: &[u8]) -> Result<HeaderName, Refused> {
 fn locate(buf: &BytesMut, limit: usize, spans: &mut Vec<Spans>) -> Result<Option<Line>, Refused> {
     let mut few = [httparse::EMPTY_HEADER; FEW_HEADERS];
     match locate_with(buf, limit, &mut few, spans) {
-        Err(Refused::TooLarge) if buf.len() <= limit => {
+        Err(None) => {
             let mut all = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            locate_with(buf, limit, &mut all, spans)
+            locate_with(buf, limit, &mut all, spans).map_err(|e| e.unwrap_or(Refused::TooLarge))
         }
-        located => located,
+        located => located.map_err(|e| e.expect("only too many headers is unnamed")),
     }
 }
 
+/// As [`locate`], with `slots` for the header lines; `Err(None)` when they are too few.
 fn locate_with<'b>(
     buf: &'b BytesMut,
     limit: usize,
     slots: &mut [httparse::Header<'b>],
     spans: &mut Vec<Spans>,
-) -> Result<Option<Line>, Refused> {
+) -> Result<Option<Line>, Option<Refused>> {
     let mut req = httparse::Request::new(slots);
     let len = match req.parse(buf) {
         Ok(httparse::Status::Complete(len)) if len <= limit => len,
-        Ok(httparse::Status::Complete(_)) | Err(httparse::Error::TooManyHeaders) => {
-            return Err(Refused::TooLarge);
-        }
-        Ok(httparse::Status::Partial) if buf.len() > limit => return Err(Refused::TooLarge),
+        Err(httparse::Error::TooManyHeaders) => return Err(None),
+        Ok(httparse::Status::Complete(_)) => return Err(Some(Refused::TooLarge)),
+        Ok(httparse::Status::Partial) if buf.len() > limit => return Err(Some(Refused::TooLarge)),
         Ok(httparse::Status::Partial) => return Ok(None),
-        Err(_) => return Err(Refused::Invalid("invalid request head")),
+        Err(_) => return Err(Some(Refused::Invalid("invalid request head"))),
     };
     let version = match req.version {
         Some(1) => Version::HTTP_11,
         Some(0) => Version::HTTP_10,
-        _ => return Err(Refused::Invalid("unsupported version")),
+        _ => return Err(Some(Refused::Invalid("unsupported version"))),
     };
     let base = buf.as_ptr() as usize;
     let at = |s: &[u8]| {
@@ -178,7 +182,7 @@ fn locate_with<'b>(
         (start, start + s.len())
     };
     let (Some(method), Some(target)) = (req.method, req.path) else {
-        return Err(Refused::Invalid("invalid request line"));
+        return Err(Some(Refused::Invalid("invalid request line")));
     };
     spans.clear();
     spans.extend(
@@ -279,6 +283,28 @@ mod tests {
         assert!(h11.unwrap().unwrap().expects_continue);
         let h10 = parsed(b"POST / HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n");
         assert!(!h10.unwrap().unwrap().expects_continue);
+    }
+
+    #[test]
+    fn many_headers_are_read_whatever_follows_the_head() {
+        let mut raw = b"POST / HTTP/1.1\r\nContent-Length: 40000\r\n".to_vec();
+        for i in 0..30 {
+            raw.extend_from_slice(format!("X-H{i}: v\r\n").as_bytes());
+        }
+        raw.extend_from_slice(b"\r\n");
+        raw.extend(std::iter::repeat_n(b'b', 40_000));
+        let mut buf = BytesMut::from(&raw[..]);
+        let head = parse(&mut buf, 32 * 1024, &mut Vec::new())
+            .unwrap()
+            .unwrap();
+        assert_eq!(head.request.headers().len(), 31);
+        assert_eq!(buf.len(), 40_000);
+    }
+
+    #[test]
+    fn a_transfer_coding_in_http10_is_refused() {
+        let head = parsed(b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n");
+        assert!(matches!(head, Err(Refused::Invalid(_))));
     }
 
     #[test]

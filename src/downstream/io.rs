@@ -147,6 +147,15 @@ impl ClientSide {
         ClientSide { tracker }
     }
 
+    /// Bytes of a request head are waiting: its header timeout runs, if it does not yet.
+    pub(super) fn head_begun(&self) {
+        let t = &self.tracker;
+        if t.head_started.load(Ordering::Relaxed) == 0 {
+            t.head_started
+                .store(t.stamp(crate::clock::now()), Ordering::Relaxed);
+        }
+    }
+
     /// A request head was read whole; `conflict` if it had both framing headers.
     pub(super) fn head_parsed(&self, conflict: bool) {
         self.tracker.conflict.store(conflict, Ordering::Relaxed);
@@ -159,10 +168,7 @@ impl Observer for ClientSide {
         if added.is_empty() || !t.recording.load(Ordering::Relaxed) {
             return;
         }
-        if t.head_started.load(Ordering::Relaxed) == 0 {
-            t.head_started
-                .store(t.stamp(crate::clock::now()), Ordering::Relaxed);
-        }
+        self.head_begun();
     }
 
     fn end_instead_of_waiting(&mut self) -> bool {

@@ -49,7 +49,9 @@ pub(super) fn head(
     // The service says `close` for every reason it has (the client's wish, the request
     // cap, a conflicting framing); the rest are the connection's own.
     let mut keep = !has_close(headers);
-    if keep && (asked.body_left || asked.closing) {
+    // An interim status as the final answer (a 101 kaguard does not relay) leaves the client
+    // waiting for another: only the close ends its wait.
+    if keep && (asked.body_left || asked.closing || status.is_informational()) {
         keep = false;
         headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
@@ -81,7 +83,10 @@ pub(super) fn head(
         }
         Framing::UntilClose
     };
-    if keep && http10 {
+    if !keep {
+        // The service's idle hint is for a connection that stays open.
+        headers.remove(crate::hop::KEEP_ALIVE_NAME);
+    } else if http10 {
         headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
     }
     if !headers.contains_key(header::DATE) {
@@ -143,7 +148,9 @@ pub(super) fn data(framing: &mut Framing, data: Bytes, out: &mut VecDeque<Bytes>
             true
         }
         Framing::UntilClose => {
-            out.push_back(data);
+            if !data.is_empty() {
+                out.push_back(data);
+            }
             true
         }
     }
@@ -248,9 +255,24 @@ mod tests {
             body_left: true,
             ..asked(Version::HTTP_11)
         };
-        let (text, _, keep) = written(Response::new(()), Some(0), unread);
+        let mut resp = Response::new(());
+        resp.headers_mut().insert(
+            crate::hop::KEEP_ALIVE_NAME,
+            HeaderValue::from_static("timeout=60"),
+        );
+        let (text, _, keep) = written(resp, Some(0), unread);
         assert!(text.contains("connection: close\r\n"), "{text}");
+        assert!(!text.contains("keep-alive"), "{text}");
         assert!(!keep);
+    }
+
+    #[test]
+    fn an_interim_status_as_the_answer_closes_the_connection() {
+        let mut resp = Response::new(());
+        *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let (text, framing, keep) = written(resp, None, asked(Version::HTTP_11));
+        assert!(text.contains("connection: close\r\n"), "{text}");
+        assert_eq!((framing, keep), (Framing::Bodiless, false));
     }
 
     #[test]
