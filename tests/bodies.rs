@@ -667,3 +667,28 @@ async fn an_upload_goes_on_after_the_upstream_began_its_answer() {
     }
     assert_eq!(got.load(std::sync::atomic::Ordering::SeqCst), total);
 }
+
+/// Requests with bodies of each framing, sent back to back in one write and then again split
+/// at every few bytes: each body ends where its framing says, and the next head starts there.
+#[tokio::test]
+async fn pipelined_requests_with_bodies_keep_their_boundaries() {
+    let up = upstream(Behaviour::default()).await;
+    let kg = start(config(&[up.addr()])).await;
+    let stream: &[u8] = b"POST /a HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello\
+POST /b HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n4;x=y\r\ndefg\r\n0\r\nX-T: 1\r\n\r\n\
+GET /c HTTP/1.1\r\nHost: t\r\n\r\n";
+    for piece in [stream.len(), 7] {
+        let mut conn = RawConn::connect(kg.addr).await;
+        for part in stream.chunks(piece) {
+            conn.write(part).await;
+        }
+        for expected in ["5", "7", "0"] {
+            let head = conn.head().await;
+            assert_eq!(head.status, 200, "{head:?}");
+            assert_eq!(head.header("x-body-bytes"), Some(expected), "{head:?}");
+            assert_eq!(conn.body(&head).await, b"OK");
+        }
+    }
+    let uris: Vec<String> = up.seen().into_iter().map(|r| r.uri).collect();
+    assert_eq!(uris, ["/a", "/b", "/c", "/a", "/b", "/c"]);
+}

@@ -212,7 +212,41 @@ pub(super) fn refusal(refused: Refused) -> Bytes {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+
+    proptest! {
+        /// Whatever the lines and however the bytes arrive, a head is found only whole, at
+        /// its end, with every line, and what follows it stays in the buffer.
+        #[test]
+        fn a_head_is_found_whole_and_only_whole(
+            lines in proptest::collection::vec(("[A-Za-z][A-Za-z0-9-]{0,12}", "[ -~]{0,20}"), 0..30),
+            tail in proptest::collection::vec(any::<u8>(), 0..40),
+        ) {
+            let mut raw = b"GET /p HTTP/1.1\r\n".to_vec();
+            for (name, value) in &lines {
+                raw.extend_from_slice(format!("{name}: {}\r\n", value.trim()).as_bytes());
+            }
+            raw.extend_from_slice(b"\r\n");
+            let head_len = raw.len();
+            raw.extend_from_slice(&tail);
+            for cut in 0..head_len {
+                let mut buf = BytesMut::from(&raw[..cut]);
+                prop_assert!(parse(&mut buf, 64 * 1024, &mut Vec::new()).unwrap().is_none());
+                prop_assert_eq!(buf.len(), cut);
+            }
+            let mut buf = BytesMut::from(&raw[..]);
+            let parsed = parse(&mut buf, 64 * 1024, &mut Vec::new());
+            let framing_lines = lines.iter().any(|(n, _)| {
+                n.eq_ignore_ascii_case("content-length") || n.eq_ignore_ascii_case("transfer-encoding")
+            });
+            prop_assume!(!framing_lines);
+            let head = parsed.unwrap().unwrap();
+            prop_assert_eq!(head.request.headers().len(), lines.len());
+            prop_assert_eq!(&buf[..], &tail[..]);
+        }
+    }
 
     fn parsed(raw: &[u8]) -> Result<Option<Head>, Refused> {
         let mut buf = BytesMut::from(raw);
