@@ -99,6 +99,9 @@ pub struct UpstreamConn {
     spans: Vec<decode::Spans>,
     /// Bytes still to be written, in order.
     out: VecDeque<Bytes>,
+    /// Room for request heads: each head is split off it, and once written and dropped its
+    /// room serves the next one, so that a head costs no allocation.
+    heads: BytesMut,
     /// A streamed request body still going out; boxed, as only streamed bodies need it.
     sending: Option<Box<Sending>>,
     reading: Reading,
@@ -160,6 +163,7 @@ impl UpstreamConn {
             read_size: READ_MIN,
             spans: Vec::new(),
             out: VecDeque::new(),
+            heads: BytesMut::new(),
             sending: None,
             reading: Reading::Idle,
             written: 0,
@@ -237,8 +241,16 @@ impl UpstreamConn {
         body: RequestBody,
     ) {
         debug_assert!(matches!(self.reading, Reading::Idle));
-        self.sending =
-            encode::request(method, uri, headers, added, body, &mut self.out).map(Box::new);
+        self.sending = encode::request(
+            method,
+            uri,
+            headers,
+            added,
+            body,
+            &mut self.heads,
+            &mut self.out,
+        )
+        .map(Box::new);
         self.reading = Reading::Head {
             head_request: method == Method::HEAD,
         };

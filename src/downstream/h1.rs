@@ -76,6 +76,9 @@ struct Wire {
     buf: BytesMut,
     spans: Vec<head::Spans>,
     out: VecDeque<Bytes>,
+    /// Room for response heads: each is split off it, and once written and dropped its room
+    /// serves the next one, so that a head costs no allocation.
+    heads: BytesMut,
     /// The rest of a request body still on the wire.
     reading: Option<Reading>,
     limit: usize,
@@ -125,6 +128,7 @@ impl<F: FnMut(Request<Incoming>) -> Handling + Unpin> Conn<F> {
                 buf: BytesMut::new(),
                 spans: Vec::new(),
                 out: VecDeque::new(),
+                heads: BytesMut::new(),
                 reading: None,
                 limit,
             },
@@ -193,7 +197,9 @@ impl<F: FnMut(Request<Incoming>) -> Handling + Unpin> Conn<F> {
             closing: self.closing,
         };
         let exact = body.size_hint().exact();
-        let (framing, keep) = response::head(&mut parts, exact, asked, &mut self.wire.out);
+        let wire = &mut self.wire;
+        let (framing, keep) =
+            response::head(&mut parts, exact, asked, &mut wire.heads, &mut wire.out);
         self.state = if framing == response::Framing::Bodiless {
             State::Flushing { keep }
         } else {

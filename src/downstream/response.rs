@@ -35,12 +35,14 @@ pub(super) struct Asked {
     pub(super) closing: bool,
 }
 
-/// Queues the head of `parts` in `out`; returns the body's framing and whether the
-/// connection stays open after the response.
+/// Queues the head of `parts` in `out`, written into `room` and split off it (see
+/// [`super::h1`]'s reuse of it); returns the body's framing and whether the connection stays
+/// open after the response.
 pub(super) fn head(
     parts: &mut Parts,
     exact: Option<u64>,
     asked: Asked,
+    room: &mut BytesMut,
     out: &mut VecDeque<Bytes>,
 ) -> (Framing, bool) {
     let status = parts.status;
@@ -92,7 +94,7 @@ pub(super) fn head(
     if !headers.contains_key(header::DATE) {
         headers.insert(header::DATE, date());
     }
-    out.push_back(encode(status, http10, headers));
+    out.push_back(encode(status, http10, headers, room));
     (framing, keep)
 }
 
@@ -104,21 +106,21 @@ fn has_close(headers: &HeaderMap) -> bool {
     })
 }
 
-fn encode(status: StatusCode, http10: bool, headers: &HeaderMap) -> Bytes {
+fn encode(status: StatusCode, http10: bool, headers: &HeaderMap, buf: &mut BytesMut) -> Bytes {
     let reason = status.canonical_reason().unwrap_or("");
     let lines: usize = headers
         .iter()
         .map(|(name, value)| name.as_str().len() + value.len() + 4)
         .sum();
-    let mut buf = BytesMut::with_capacity(lines + reason.len() + 16);
+    buf.reserve(lines + reason.len() + 16);
     buf.put_slice(if http10 { b"HTTP/1.0 " } else { b"HTTP/1.1 " });
     buf.put_slice(status.as_str().as_bytes());
     buf.put_u8(b' ');
     buf.put_slice(reason.as_bytes());
     buf.put_slice(b"\r\n");
-    crate::wire::put_lines(&mut buf, headers.iter());
+    crate::wire::put_lines(buf, headers.iter());
     buf.put_slice(b"\r\n");
-    buf.freeze()
+    buf.split().freeze()
 }
 
 /// Queues one frame of data in the framing; returns the bytes a Content-Length still
@@ -213,7 +215,7 @@ mod tests {
     fn written(resp: Response<()>, exact: Option<u64>, asked: Asked) -> (String, Framing, bool) {
         let (mut parts, ()) = resp.into_parts();
         let mut out = VecDeque::new();
-        let (framing, keep) = head(&mut parts, exact, asked, &mut out);
+        let (framing, keep) = head(&mut parts, exact, asked, &mut BytesMut::new(), &mut out);
         let text = String::from_utf8(out.iter().flat_map(|b| b.to_vec()).collect()).unwrap();
         (text, framing, keep)
     }

@@ -24,7 +24,8 @@ pub(super) struct Sending {
     chunked: bool,
 }
 
-/// Queues in `out` the head of a request and, when the body is held whole, the body. A
+/// Queues in `out` the head of a request and, when the body is held whole, the body. The
+/// head is written into `head`'s room and split off it, so that a connection reuses that room. A
 /// streamed body is returned with the framing its head announced, to be sent frame by frame.
 ///
 /// The framing follows the client's where it can: its Content-Length is kept; a held body
@@ -36,6 +37,7 @@ pub(super) fn request(
     headers: &HeaderMap,
     added: &[(HeaderName, HeaderValue)],
     mut body: RequestBody,
+    head: &mut BytesMut,
     out: &mut VecDeque<Bytes>,
 ) -> Option<Sending> {
     let length = headers
@@ -62,14 +64,14 @@ pub(super) fn request(
         .sum();
     let inline = data.as_ref().filter(|d| !chunked && d.len() <= INLINE_BODY);
     let size = method.as_str().len() + path.len() + lines + 64 + inline.map_or(0, Bytes::len);
-    let mut head = BytesMut::with_capacity(size);
+    head.reserve(size);
     head.put_slice(method.as_str().as_bytes());
     head.put_u8(b' ');
     head.put_slice(path.as_bytes());
     head.put_slice(b" HTTP/1.1\r\n");
     let lines = headers.iter().chain(added.iter().map(|(n, v)| (n, v)));
     crate::wire::put_lines(
-        &mut head,
+        head,
         lines.filter(|(name, _)| !(chunked && *name == header::CONTENT_LENGTH)),
     );
     if chunked {
@@ -80,25 +82,25 @@ pub(super) fn request(
     head.put_slice(b"\r\n");
 
     if streamed {
-        out.push_back(head.freeze());
+        out.push_back(head.split().freeze());
         return Some(Sending { body, chunked });
     }
     match data {
         Some(data) if chunked => {
-            out.push_back(head.freeze());
+            out.push_back(head.split().freeze());
             out.push_back(chunk_size(data.len()));
             out.push_back(data);
             out.push_back(Bytes::from_static(b"\r\n"));
         }
         Some(data) if inline.is_some() => {
             head.put_slice(&data);
-            out.push_back(head.freeze());
+            out.push_back(head.split().freeze());
         }
         Some(data) => {
-            out.push_back(head.freeze());
+            out.push_back(head.split().freeze());
             out.push_back(data);
         }
-        None => out.push_back(head.freeze()),
+        None => out.push_back(head.split().freeze()),
     }
     if chunked {
         out.push_back(end_chunks(trailers.as_deref()));
