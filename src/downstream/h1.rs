@@ -404,12 +404,9 @@ impl Wire {
             };
         };
         match reading.slot.demand() {
-            Demand::Idle => return Ok(false),
-            Demand::Gone => {
-                // The service dropped the body unread: the connection ends with this
-                // response, which says so.
-                return Ok(false);
-            }
+            // Gone: the service dropped the body unread; the connection ends with this
+            // response, which says so (`body_left`).
+            Demand::Idle | Demand::Gone => return Ok(false),
             Demand::Wanted => {}
         }
         // Once the response has begun, a 100 would land inside it: the client that waits

@@ -1,6 +1,10 @@
 //! A client's request body as the service sees it. A body that arrived with its head, or
 //! none, is held; the rest of one still on the wire passes through a one-frame slot that
 //! the connection fills when the service asks for more.
+//!
+//! The body must be polled on the connection's task, as the proxy does (the request's own
+//! task sends it upstream): asking for more wakes no one, the connection sees the ask when
+//! the request's future, polled by it, returns.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};

@@ -57,7 +57,9 @@ pub(super) fn head(
         keep = false;
         headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
-    headers.remove(header::TRANSFER_ENCODING);
+    // The framing is this connection's to choose: an upstream's Transfer-Encoding is noted
+    // as hop-by-hop and never enters the map, and kaguard's own responses carry none.
+    debug_assert!(!headers.contains_key(header::TRANSFER_ENCODING));
     let framing = if asked.head
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
@@ -123,8 +125,8 @@ fn encode(status: StatusCode, http10: bool, headers: &HeaderMap, buf: &mut Bytes
     buf.split().freeze()
 }
 
-/// Queues one frame of data in the framing; returns the bytes a Content-Length still
-/// allows after it. Data past the length is dropped: the connection closes after it.
+/// Queues one frame of data in the framing; false when the frame ran past the
+/// Content-Length. Data past the length is dropped, and the connection closes after it.
 pub(super) fn data(framing: &mut Framing, data: Bytes, out: &mut VecDeque<Bytes>) -> bool {
     match framing {
         Framing::Bodiless => true,
