@@ -26,7 +26,6 @@ use bytes::{Bytes, BytesMut};
 use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Response, Uri};
 use hyper::body::{Frame, SizeHint};
-
 use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
