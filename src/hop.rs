@@ -3,7 +3,7 @@
 //! lines say about the connection it came on.
 
 use http::Version;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName};
 
 /// The `Keep-Alive` header's name: not among the `http` crate's standard names, so built here
 /// once; `HeaderName::from_static` named at run time looks it up among the standard ones.
@@ -33,8 +33,7 @@ pub fn wants_keep_alive(version: Version, headers: &HeaderMap) -> bool {
 }
 
 /// What a message's hop-by-hop lines said, noted line by line as its head is read, so that
-/// none of them enters the header map that is forwarded: adding a line and removing it again
-/// costs two hashed operations on every response.
+/// none of them is forwarded and none needs looking up again.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Hop {
     /// `Connection: close`.
@@ -50,19 +49,20 @@ pub struct Hop {
 }
 
 impl Hop {
-    /// What the `Connection` lines of a map already built say (a client's request, which
-    /// hyper parses): the rest of its hop-by-hop lines are found by name.
+    /// What the `Connection` lines of a map already built say (a client's request): the
+    /// rest of its hop-by-hop lines are found by name.
     pub fn of_connection(headers: &HeaderMap) -> Hop {
         let mut hop = Hop::default();
         for value in headers.get_all(header::CONNECTION) {
-            hop.note_connection(text(value));
+            hop.note_connection(text(value.as_bytes()));
         }
         hop
     }
 
-    /// Notes one header line. True when it is hop-by-hop, and stays out of the map.
-    pub fn note(&mut self, name: &HeaderName, value: &HeaderValue) -> bool {
-        let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) else {
+    /// Notes one header line, its name and value as the parser found them. True when it is
+    /// hop-by-hop, and is not forwarded.
+    pub fn note(&mut self, name: &[u8], value: &[u8]) -> bool {
+        let Some(i) = position(name) else {
             return false;
         };
         if i == CONNECTION {
@@ -71,6 +71,11 @@ impl Hop {
             self.note_params(text(value));
         }
         true
+    }
+
+    /// `Connection` listed `name` (in any case) as hop-by-hop for this message.
+    pub fn lists(&self, name: &[u8]) -> bool {
+        self.listed.iter().any(|l| same_name(l, name))
     }
 
     /// `Connection: close, keep-alive, <names>`.
@@ -113,14 +118,60 @@ impl Hop {
     }
 }
 
+/// [`HOP_BY_HOP`]'s names, for lines read before any `HeaderName` is built of them.
+const HOP_NAMES: [&[u8]; 9] = [
+    b"connection",
+    b"keep-alive",
+    b"proxy-connection",
+    b"te",
+    b"trailer",
+    b"transfer-encoding",
+    b"upgrade",
+    b"proxy-authenticate",
+    b"proxy-authorization",
+];
+
+/// Where a header name, in any case, is in [`HOP_BY_HOP`]. Every line of every response
+/// asks: most names have a length no hop-by-hop name has, and are ruled out by it.
+pub fn position(name: &[u8]) -> Option<usize> {
+    let candidates: &[usize] = match name.len() {
+        2 => &[3],
+        7 => &[4, 6],
+        10 => &[0, 1],
+        16 => &[2],
+        17 => &[5],
+        18 => &[7],
+        19 => &[8],
+        _ => &[],
+    };
+    candidates
+        .iter()
+        .copied()
+        .find(|&i| HOP_NAMES[i].eq_ignore_ascii_case(name))
+}
+
+fn same_name(known: &HeaderName, name: &[u8]) -> bool {
+    let known = known.as_str();
+    // The lengths differ for most pairs, and comparing them first is cheapest.
+    known.len() == name.len() && known.as_bytes().eq_ignore_ascii_case(name)
+}
+
 /// A value that is not visible ASCII names no token and no parameter.
-fn text(value: &HeaderValue) -> &str {
-    value.to_str().unwrap_or("")
+fn text(value: &[u8]) -> &str {
+    let visible = value
+        .iter()
+        .all(|&b| b == b'\t' || (b' '..=b'~').contains(&b));
+    if visible {
+        std::str::from_utf8(value).unwrap_or("")
+    } else {
+        ""
+    }
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use http::HeaderValue;
 
     /// A header map of `pairs`, in order.
     pub(crate) fn map(pairs: &[(&str, &str)]) -> HeaderMap {
@@ -139,11 +190,24 @@ pub(crate) mod tests {
         let mut hop = Hop::default();
         let mut kept = HeaderMap::new();
         for (name, value) in head {
-            if !hop.note(name, value) {
+            if !hop.note(name.as_str().as_bytes(), value.as_bytes()) {
                 kept.append(name.clone(), value.clone());
             }
         }
         (hop, kept)
+    }
+
+    #[test]
+    fn every_hop_by_hop_name_is_found_in_any_case_and_no_other() {
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(HOP_NAMES[i], name.as_str().as_bytes());
+            let upper = name.as_str().to_ascii_uppercase();
+            assert_eq!(position(upper.as_bytes()), Some(i), "{upper}");
+            assert_eq!(position(name.as_str().as_bytes()), Some(i), "{name}");
+        }
+        for other in ["date", "connections", "tE-", "keep_alive", "", "upgrades"] {
+            assert_eq!(position(other.as_bytes()), None, "{other}");
+        }
     }
 
     #[test]

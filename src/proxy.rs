@@ -27,6 +27,7 @@ use crate::pool::learn;
 use crate::resolve::Resolver;
 use crate::retry::{Cause, Decision};
 use crate::route::Router;
+use crate::wire::fields::Fields;
 use body::{End, OnEnd, RequestBody, ResponseBody};
 use exchange::Head;
 use group::{Group, Lease};
@@ -209,7 +210,7 @@ impl Proxy {
     #[allow(clippy::too_many_arguments)]
     fn respond(
         &self,
-        resp: Response<()>,
+        resp: Response<Fields>,
         hop: Hop,
         mut lease: Lease,
         group: &Arc<Group>,
@@ -218,7 +219,7 @@ impl Proxy {
         sent_at: Instant,
         retries: Vec<Cause>,
     ) -> Response<ResponseBody> {
-        let (parts, ()) = resp.into_parts();
+        let (parts, fields) = resp.into_parts();
         let upstream_keep_alive = hop.keeps_alive(parts.version);
         if group.guards.honor_hints {
             if let Some(secs) = hop.timeout {
@@ -240,7 +241,8 @@ impl Proxy {
             log: self.log.clone(),
             metrics: self.metrics.clone(),
         };
-        let body = ResponseBody::upstream(lease, group.read_timeout).on_end(Box::new(finish));
+        let body =
+            ResponseBody::upstream(lease, group.read_timeout, fields).on_end(Box::new(finish));
         Response::from_parts(parts, body)
     }
 

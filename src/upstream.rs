@@ -32,6 +32,7 @@ use tokio::time::Sleep;
 use crate::error::{Failure, Transport};
 use crate::hop::Hop;
 use crate::proxy::body::{BodyError, RequestBody};
+use crate::wire::fields::Fields;
 use decode::{Framing, Step};
 use encode::Sending;
 pub use idle::Peek;
@@ -101,6 +102,8 @@ pub struct UpstreamConn {
     /// Room for request heads: each head is split off it, and once written and dropped its
     /// room serves the next one, so that a head costs no allocation.
     heads: BytesMut,
+    /// Room for the header lines of responses, kept for the same reason.
+    fields: BytesMut,
     /// A streamed request body still going out; boxed, as only streamed bodies need it.
     sending: Option<Box<Sending>>,
     reading: Reading,
@@ -163,6 +166,7 @@ impl UpstreamConn {
             spans: Vec::new(),
             out: VecDeque::new(),
             heads: BytesMut::new(),
+            fields: BytesMut::new(),
             sending: None,
             reading: Reading::Idle,
             written: 0,
@@ -282,7 +286,7 @@ impl UpstreamConn {
     pub fn poll_response(
         &mut self,
         cx: &mut Context<'_>,
-    ) -> Poll<Result<(Response<()>, Hop), ConnError>> {
+    ) -> Poll<Result<(Response<Fields>, Hop), ConnError>> {
         let head_request = match self.reading {
             Reading::Head { head_request } => head_request,
             _ => return Poll::Ready(Err(ConnError::Eof)),
@@ -294,7 +298,12 @@ impl UpstreamConn {
             let parsed = if self.buf.is_empty() {
                 Ok(None)
             } else {
-                decode::head(&mut self.buf, head_request, &mut self.spans)
+                decode::head(
+                    &mut self.buf,
+                    head_request,
+                    &mut self.spans,
+                    &mut self.fields,
+                )
             };
             match parsed {
                 Err(_) => return Poll::Ready(Err(self.spend(ConnError::Invalid))),
@@ -344,7 +353,7 @@ impl UpstreamConn {
         uri: &Uri,
         headers: &HeaderMap,
         body: RequestBody,
-    ) -> Result<(Response<()>, Bytes), ConnError> {
+    ) -> Result<(Response<Fields>, Bytes), ConnError> {
         self.start(method, uri, headers, &[], body);
         let (response, _) = std::future::poll_fn(|cx| self.poll_response(cx)).await?;
         let mut body = BytesMut::new();

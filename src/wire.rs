@@ -4,6 +4,7 @@
 //! being copied together.
 
 pub mod chunked;
+pub mod fields;
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};

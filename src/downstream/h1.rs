@@ -198,8 +198,14 @@ impl<F: FnMut(Request<Incoming>) -> Handling + Unpin> Conn<F> {
         };
         let exact = body.size_hint().exact();
         let wire = &mut self.wire;
-        let (framing, keep) =
-            response::head(&mut parts, exact, asked, &mut wire.heads, &mut wire.out);
+        let (framing, keep) = response::head(
+            &mut parts,
+            body.fields(),
+            exact,
+            asked,
+            &mut wire.heads,
+            &mut wire.out,
+        );
         self.state = if framing == response::Framing::Bodiless {
             State::Flushing { keep }
         } else {

@@ -11,6 +11,7 @@ use http::response::Parts;
 use http::{StatusCode, Version};
 
 use crate::wire::chunked::{chunk_size, end_chunks};
+use crate::wire::fields::Fields;
 
 /// How the body of a response is delimited on the wire.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,11 +36,12 @@ pub(super) struct Asked {
     pub(super) closing: bool,
 }
 
-/// Queues the head of `parts` in `out`, written into `room` and split off it (see
-/// [`super::h1`]'s reuse of it); returns the body's framing and whether the connection stays
-/// open after the response.
+/// Queues the head of `parts` and `fields` in `out`, written into `room` and split off it
+/// (see [`super::h1`]'s reuse of it); returns the body's framing and whether the connection
+/// stays open after the response.
 pub(super) fn head(
     parts: &mut Parts,
+    fields: &Fields,
     exact: Option<u64>,
     asked: Asked,
     room: &mut BytesMut,
@@ -58,7 +60,7 @@ pub(super) fn head(
         headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     // The framing is this connection's to choose: an upstream's Transfer-Encoding is noted
-    // as hop-by-hop and never enters the map, and kaguard's own responses carry none.
+    // as hop-by-hop and never forwarded, and kaguard's own responses carry none.
     debug_assert!(!headers.contains_key(header::TRANSFER_ENCODING));
     let framing = if asked.head
         || status.is_informational()
@@ -66,10 +68,7 @@ pub(super) fn head(
         || status == StatusCode::NOT_MODIFIED
     {
         Framing::Bodiless
-    } else if let Some(n) = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-    {
+    } else if let Some(n) = fields.content_length() {
         Framing::Length(n)
     } else if let Some(n) = exact {
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
@@ -93,10 +92,10 @@ pub(super) fn head(
     } else if http10 {
         headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
     }
-    if !headers.contains_key(header::DATE) {
+    if !fields.has_date() && !headers.contains_key(header::DATE) {
         headers.insert(header::DATE, date());
     }
-    out.push_back(encode(status, http10, headers, room));
+    out.push_back(encode(status, http10, headers, fields, room));
     (framing, keep)
 }
 
@@ -108,19 +107,26 @@ fn has_close(headers: &HeaderMap) -> bool {
     })
 }
 
-fn encode(status: StatusCode, http10: bool, headers: &HeaderMap, buf: &mut BytesMut) -> Bytes {
+fn encode(
+    status: StatusCode,
+    http10: bool,
+    headers: &HeaderMap,
+    fields: &Fields,
+    buf: &mut BytesMut,
+) -> Bytes {
     let reason = status.canonical_reason().unwrap_or("");
     let lines: usize = headers
         .iter()
         .map(|(name, value)| name.as_str().len() + value.len() + 4)
         .sum();
-    buf.reserve(lines + reason.len() + 16);
+    buf.reserve(lines + fields.lines().len() + reason.len() + 16);
     buf.put_slice(if http10 { b"HTTP/1.0 " } else { b"HTTP/1.1 " });
     buf.put_slice(status.as_str().as_bytes());
     buf.put_u8(b' ');
     buf.put_slice(reason.as_bytes());
     buf.put_slice(b"\r\n");
     crate::wire::put_lines(buf, headers.iter());
+    buf.put_slice(fields.lines());
     buf.put_slice(b"\r\n");
     buf.split().freeze()
 }
@@ -215,9 +221,19 @@ mod tests {
     }
 
     fn written(resp: Response<()>, exact: Option<u64>, asked: Asked) -> (String, Framing, bool) {
+        forwarding(resp, &Fields::default(), exact, asked)
+    }
+
+    fn forwarding(
+        resp: Response<()>,
+        fields: &Fields,
+        exact: Option<u64>,
+        asked: Asked,
+    ) -> (String, Framing, bool) {
         let (mut parts, ()) = resp.into_parts();
         let mut out = VecDeque::new();
-        let (framing, keep) = head(&mut parts, exact, asked, &mut BytesMut::new(), &mut out);
+        let room = &mut BytesMut::new();
+        let (framing, keep) = head(&mut parts, fields, exact, asked, room, &mut out);
         let text = String::from_utf8(out.iter().flat_map(|b| b.to_vec()).collect()).unwrap();
         (text, framing, keep)
     }
@@ -229,6 +245,28 @@ mod tests {
         assert!(text.contains("content-length: 2\r\n"), "{text}");
         assert!(text.contains("date: "), "{text}");
         assert_eq!((framing, keep), (Framing::Length(2), true));
+    }
+
+    #[test]
+    fn forwarded_lines_end_the_head_and_give_its_length_and_date() {
+        let mut room = BytesMut::new();
+        let mut lines = crate::wire::fields::Builder::new(&mut room);
+        lines.push(b"Date", b"Sun, 22 Nov 2026 12:00:00 GMT");
+        lines.date();
+        lines.push(b"Content-Length", b"5");
+        lines.content_length(5);
+        let fields = lines.finish();
+        let mut resp = Response::new(());
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        // No exact size: the forwarded length frames the body all the same.
+        let (text, framing, keep) = forwarding(resp, &fields, None, asked(Version::HTTP_11));
+        assert_eq!(
+            text,
+            "HTTP/1.1 200 OK\r\nconnection: close\r\n\
+             Date: Sun, 22 Nov 2026 12:00:00 GMT\r\nContent-Length: 5\r\n\r\n"
+        );
+        assert_eq!((framing, keep), (Framing::Length(5), false));
     }
 
     #[test]

@@ -18,6 +18,7 @@ use tokio::time::{Instant, Sleep};
 use super::group::Lease;
 use crate::downstream::Incoming;
 use crate::upstream::ConnError;
+use crate::wire::fields::Fields;
 
 /// Why a client's request body could not be forwarded.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -287,6 +288,9 @@ pub trait OnDrop: Send + Sync + 'static {
 /// The response body on its way to the client.
 pub struct ResponseBody {
     kind: Kind,
+    /// The upstream's header lines, which go to the client with the head kaguard writes;
+    /// none for kaguard's own responses.
+    fields: Fields,
     on_end: Option<Box<dyn OnEnd>>,
     sent: u64,
     dropped: Option<Arc<dyn OnDrop>>,
@@ -310,6 +314,7 @@ impl ResponseBody {
         let bytes = bytes.into();
         ResponseBody {
             kind: Kind::Local((!bytes.is_empty()).then_some(bytes)),
+            fields: Fields::default(),
             on_end: None,
             sent: 0,
             dropped: None,
@@ -317,18 +322,24 @@ impl ResponseBody {
     }
 
     /// The upstream's body, read from `lease`'s connection, with `read_timeout` between
-    /// two frames.
-    pub fn upstream(lease: Lease, read_timeout: Duration) -> ResponseBody {
+    /// two frames, after the head that carries `fields`.
+    pub fn upstream(lease: Lease, read_timeout: Duration, fields: Fields) -> ResponseBody {
         ResponseBody {
             kind: Kind::Upstream {
                 lease: Some(lease),
                 read_timeout,
                 failed: None,
             },
+            fields,
             on_end: None,
             sent: 0,
             dropped: None,
         }
+    }
+
+    /// The upstream's header lines, for the response's head.
+    pub fn fields(&self) -> &Fields {
+        &self.fields
     }
 
     /// Runs `on_end` when the body ends or is dropped.

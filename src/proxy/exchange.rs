@@ -19,6 +19,7 @@ use crate::hop::Hop;
 use crate::pool::Risk;
 use crate::retry::{self, Cause, Decision, Facts, Outcome};
 use crate::upstream::UpstreamConn;
+use crate::wire::fields::Fields;
 
 /// Sends the request upstream, on a pooled connection or a new one, and sends it again
 /// when [`retry::decide`] says so. Every failed attempt leaves its flag in the log entry.
@@ -31,7 +32,7 @@ pub(super) async fn exchange(
     client: Client,
     entry: &mut Entry,
     retries: &mut Vec<Cause>,
-) -> Result<(Response<()>, Hop, Lease, Instant), (Failure, Decision)> {
+) -> Result<(Response<Fields>, Hop, Lease, Instant), (Failure, Decision)> {
     let replay = body.replay();
     let idempotent = retry::is_idempotent(&head.method, &head.headers);
     let mut facts = Facts {
@@ -242,7 +243,7 @@ async fn send(
     body: RequestBody,
     timeouts: Timeouts,
     reused: bool,
-) -> Result<(Response<()>, Hop), (Failure, Returned)> {
+) -> Result<(Response<Fields>, Hop), (Failure, Returned)> {
     let Timeouts {
         read,
         send: send_timeout,

@@ -2,14 +2,16 @@
 //! (RFC 9112 §6.3), and the chunked coding. Bytes in, parts out; the connection reads.
 
 use bytes::{Buf, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Response, StatusCode, Version};
 
 use crate::hop::Hop;
+use crate::wire::fields::{self, Fields};
 
 /// Most header lines a response head may carry: hyper's default limit, which kaguard's
 /// upstreams met before it read responses itself. More is refused, never truncated.
 const MAX_HEADERS: usize = 100;
+// A head's hop-by-hop lines are marked in one bit each of a `u128`.
+const _: () = assert!(MAX_HEADERS <= 128);
 
 /// Largest response head kept waiting for its end. nginx refuses heads past its 4 or 8 KiB
 /// `proxy_buffer_size` ("upstream sent too big header"); 64 KiB lets through the large
@@ -31,8 +33,8 @@ pub(super) enum Framing {
 /// A final response head, with what it says about its body and its connection.
 #[derive(Debug)]
 pub(super) struct Head {
-    /// Without its hop-by-hop lines: what they said is in `hop`.
-    pub(super) response: Response<()>,
+    /// Status and version; the header lines are in the body's place, as [`Fields`].
+    pub(super) response: Response<Fields>,
     pub(super) hop: Hop,
     pub(super) framing: Framing,
     /// The connection cannot carry another exchange after this one, whatever the headers
@@ -43,12 +45,13 @@ pub(super) struct Head {
 /// Parses a response head off the front of `buf`, skipping interim (1xx) responses. `None`
 /// until a whole head is there. The head's bytes leave `buf`; its body's bytes stay.
 ///
-/// `spans` is room for the parser's findings, kept by the caller so that it is allocated
-/// once per connection, not once per response.
+/// `spans` is room for the parser's findings, and `room` for the lines forwarded, both kept
+/// by the caller so that they are allocated once per connection, not once per response.
 pub(super) fn head(
     buf: &mut BytesMut,
     head_request: bool,
     spans: &mut Vec<Spans>,
+    room: &mut BytesMut,
 ) -> Result<Option<Head>, Invalid> {
     loop {
         let Some((len, code, version)) = parse(buf, spans)? else {
@@ -59,33 +62,46 @@ pub(super) fn head(
             buf.advance(len);
             continue;
         }
-        let bytes = buf.split_to(len).freeze();
-        let mut headers = HeaderMap::with_capacity(spans.len());
+        let line = |&(name, value): &Spans| (&buf[name.0..name.1], &buf[value.0..value.1]);
         let mut lines = Lines::default();
         let mut hop = Hop::default();
-        for &(name, value) in spans.iter() {
-            let (name, maybe_hop) = header_name(&bytes[name.0..name.1])?;
-            let value = HeaderValue::from_maybe_shared(bytes.slice(value.0..value.1))
-                .map_err(|_| Invalid)?;
-            lines.note(&name, &value)?;
-            if !(maybe_hop && hop.note(&name, &value)) {
-                headers.append(name, value);
+        // Bit i: line i is hop-by-hop.
+        let mut hop_lines: u128 = 0;
+        for (i, (name, value)) in spans.iter().map(line).enumerate() {
+            lines.note(name, value)?;
+            if hop.note(name, value) {
+                hop_lines |= 1 << i;
             }
         }
-        for name in &hop.listed {
-            headers.remove(name);
-        }
-        let status = StatusCode::from_u16(code).map_err(|_| Invalid)?;
         let (framing, last) = lines.framing(code, head_request);
-        if lines.chunked.is_some() && lines.length.is_some() {
-            // RFC 9112 §6.3: a proxy forwarding such a message removes its Content-Length,
-            // which the body's real length need not match.
-            headers.remove(header::CONTENT_LENGTH);
+        // RFC 9112 §6.3: a proxy forwarding a message with both removes its Content-Length,
+        // which the body's real length need not match.
+        let length = match lines.chunked {
+            Some(_) => None,
+            None => lines.length,
+        };
+        let mut fields = fields::Builder::new(room);
+        for (i, (name, value)) in spans.iter().map(line).enumerate() {
+            // Listed names are looked for once every line is read: they may come before
+            // the `Connection` line that lists them.
+            let forwarded = hop_lines & (1 << i) == 0
+                && !(hop.lists(name) || length.is_none() && is(name, CONTENT_LENGTH));
+            if forwarded {
+                fields.push(name, value);
+                if is(name, DATE) {
+                    fields.date();
+                }
+            }
         }
-        let mut response = Response::new(());
+        if let Some(n) = length {
+            fields.content_length(n);
+        }
+        let fields = fields.finish();
+        buf.advance(len);
+        let status = StatusCode::from_u16(code).map_err(|_| Invalid)?;
+        let mut response = Response::new(fields);
         *response.status_mut() = status;
         *response.version_mut() = version;
-        *response.headers_mut() = headers;
         return Ok(Some(Head {
             response,
             hop,
@@ -93,6 +109,15 @@ pub(super) fn head(
             last,
         }));
     }
+}
+
+const CONTENT_LENGTH: &[u8] = b"content-length";
+const TRANSFER_ENCODING: &[u8] = b"transfer-encoding";
+const DATE: &[u8] = b"date";
+
+/// Whether a header's name is `known`, given in lower case, in any case.
+fn is(name: &[u8], known: &[u8]) -> bool {
+    name.len() == known.len() && name.eq_ignore_ascii_case(known)
 }
 
 /// Where a header's name and value lie in the buffer.
@@ -103,8 +128,8 @@ pub(super) type Spans = ((usize, usize), (usize, usize));
 const FEW_HEADERS: usize = 24;
 
 /// Where each part of a complete head lies in `buf`: the head's length, the status code,
-/// the version, and in `spans` each header's name and value. Positions, not slices, so that
-/// the head can be split off and its values shared with the header map without a copy.
+/// the version, and in `spans` each header's name and value. Positions, not slices: the
+/// parser's slots, which borrow `buf`, are this call's, and `spans` is the caller's.
 fn parse(buf: &BytesMut, spans: &mut Vec<Spans>) -> Result<Option<(usize, u16, Version)>, Invalid> {
     let mut few = [httparse::EMPTY_HEADER; FEW_HEADERS];
     match parse_with(buf, &mut few, spans) {
@@ -153,27 +178,8 @@ fn parse_with<'b>(
     Ok(Some((len, resp.code, version)))
 }
 
-/// A header's name, and false when it is surely not hop-by-hop. The names most servers send
-/// on every response, in the case they send them, are matched as they are: the general
-/// parse lower-cases each name into a scratch buffer before it looks it up, which cost a
-/// quarter of reading a short head, and a name of unknown kind is compared with each
-/// hop-by-hop one.
-fn header_name(raw: &[u8]) -> Result<(HeaderName, bool), Invalid> {
-    Ok(match raw {
-        b"Date" => (header::DATE, false),
-        b"Server" => (header::SERVER, false),
-        b"Content-Type" => (header::CONTENT_TYPE, false),
-        b"Content-Length" => (header::CONTENT_LENGTH, false),
-        b"Connection" => (header::CONNECTION, true),
-        b"Transfer-Encoding" => (header::TRANSFER_ENCODING, true),
-        // Node sends it on every response.
-        b"Keep-Alive" => (crate::hop::KEEP_ALIVE_NAME, true),
-        _ => (HeaderName::from_bytes(raw).map_err(|_| Invalid)?, true),
-    })
-}
-
-/// The framing lines of a head, noted as the header map is built so that framing costs no
-/// lookup: the Content-Length all its values agree on, and, when Transfer-Encoding is there,
+/// The framing lines of a head, noted as its lines are read so that framing costs no second
+/// look: the Content-Length all its values agree on, and, when Transfer-Encoding is there,
 /// whether its final coding is chunked.
 #[derive(Default)]
 struct Lines {
@@ -182,11 +188,11 @@ struct Lines {
 }
 
 impl Lines {
-    fn note(&mut self, name: &HeaderName, value: &HeaderValue) -> Result<(), Invalid> {
-        if name == header::CONTENT_LENGTH {
+    fn note(&mut self, name: &[u8], value: &[u8]) -> Result<(), Invalid> {
+        if is(name, CONTENT_LENGTH) {
             // Lines and comma-separated lists alike must all be the same number; a response
             // that disagrees with itself is refused.
-            let text = value.to_str().map_err(|_| Invalid)?;
+            let text = std::str::from_utf8(value).map_err(|_| Invalid)?;
             for part in text.split(',').map(str::trim) {
                 if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
                     return Err(Invalid);
@@ -197,9 +203,11 @@ impl Lines {
                 }
                 self.length = Some(n);
             }
-        } else if name == header::TRANSFER_ENCODING {
+        } else if is(name, TRANSFER_ENCODING) {
             // The last line's last coding is the final one.
-            let last = value.to_str().ok().and_then(|v| v.rsplit(',').next());
+            let last = std::str::from_utf8(value)
+                .ok()
+                .and_then(|v| v.rsplit(',').next());
             self.chunked = Some(last.is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked")));
         }
         Ok(())

@@ -58,7 +58,7 @@ fn poolable(conn: &UpstreamConn) -> bool {
     conn.ended_cleanly() && !conn.is_last() && conn.closed_at().is_none()
 }
 
-async fn get(conn: &mut UpstreamConn) -> (Response<()>, Bytes) {
+async fn get(conn: &mut UpstreamConn) -> (Response<Fields>, Bytes) {
     let mut headers = HeaderMap::new();
     headers.insert(http::header::HOST, http::HeaderValue::from_static("up"));
     let uri = Uri::from_static("/path?q=1");
@@ -162,7 +162,7 @@ impl Cut {
     }
 }
 
-fn poll_response(conn: &mut UpstreamConn) -> Poll<Result<(Response<()>, Hop), ConnError>> {
+fn poll_response(conn: &mut UpstreamConn) -> Poll<Result<(Response<Fields>, Hop), ConnError>> {
     conn.poll_response(&mut Context::from_waker(Waker::noop()))
 }
 

@@ -1,0 +1,143 @@
+//! A response's end-to-end header lines, carried from the upstream's head to the client's as
+//! they were written: the proxy acts on none of them but the two whose facts are kept here.
+//! Building a header map of every line, only to write each one out again, cost more than
+//! reading the head.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+/// Header lines ready to be written, each `name: value\r\n`, with the names in the case the
+/// sender gave them (nginx forwards them so too).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Fields {
+    lines: Bytes,
+    content_length: Option<u64>,
+    date: bool,
+}
+
+impl Fields {
+    /// The lines, for the head that carries them.
+    pub fn lines(&self) -> &Bytes {
+        &self.lines
+    }
+
+    /// The value of the `Content-Length` line among them.
+    pub fn content_length(&self) -> Option<u64> {
+        self.content_length
+    }
+
+    /// A `Date` line is among them, so the head needs none of its own.
+    pub fn has_date(&self) -> bool {
+        self.date
+    }
+
+    /// Each line's name and value, in order.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.lines
+            .split(|&b| b == b'\n')
+            .filter(|line| !line.is_empty())
+            .map(|line| {
+                let line = line.strip_suffix(b"\r").unwrap_or(line);
+                let colon = line.iter().position(|&b| b == b':').unwrap_or(line.len());
+                (&line[..colon], line.get(colon + 2..).unwrap_or_default())
+            })
+    }
+}
+
+/// Builds [`Fields`] in room the caller keeps from one head to the next: each set is split
+/// off it, and once the set is written and dropped its room serves the next.
+pub struct Builder<'r> {
+    room: &'r mut BytesMut,
+    content_length: Option<u64>,
+    date: bool,
+}
+
+impl<'r> Builder<'r> {
+    pub fn new(room: &'r mut BytesMut) -> Builder<'r> {
+        room.clear();
+        Builder {
+            room,
+            content_length: None,
+            date: false,
+        }
+    }
+
+    /// Appends a line. `name` and `value` must be what an HTTP parser accepted as a header
+    /// line's name and value, which no line break or colon can be part of.
+    pub fn push(&mut self, name: &[u8], value: &[u8]) {
+        self.room.reserve(name.len() + value.len() + 4);
+        self.room.put_slice(name);
+        self.room.put_slice(b": ");
+        self.room.put_slice(value);
+        self.room.put_slice(b"\r\n");
+    }
+
+    /// Records the value of the `Content-Length` line pushed.
+    pub fn content_length(&mut self, n: u64) {
+        self.content_length = Some(n);
+    }
+
+    /// Records that a `Date` line was pushed.
+    pub fn date(&mut self) {
+        self.date = true;
+    }
+
+    pub fn finish(self) -> Fields {
+        Fields {
+            lines: self.room.split().freeze(),
+            content_length: self.content_length,
+            date: self.date,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_are_written_as_given_and_read_back_in_order() {
+        let mut room = BytesMut::new();
+        let mut b = Builder::new(&mut room);
+        b.push(b"ETag", b"\"x\"");
+        b.push(b"x-empty", b"");
+        b.push(b"Content-Length", b"2");
+        b.content_length(2);
+        let fields = b.finish();
+        assert_eq!(
+            &fields.lines()[..],
+            b"ETag: \"x\"\r\nx-empty: \r\nContent-Length: 2\r\n"
+        );
+        let lines: Vec<_> = fields.iter().collect();
+        assert_eq!(
+            lines,
+            [
+                (&b"ETag"[..], &b"\"x\""[..]),
+                (b"x-empty", b""),
+                (b"Content-Length", b"2")
+            ]
+        );
+        assert_eq!(fields.content_length(), Some(2));
+        assert!(!fields.has_date());
+    }
+
+    #[test]
+    fn the_room_serves_the_next_set_once_the_last_is_dropped() {
+        let value = [b'v'; 30];
+        let mut room = BytesMut::with_capacity(64);
+        let set = |room: &mut BytesMut| {
+            let mut b = Builder::new(room);
+            b.push(b"A", &value);
+            b.finish()
+        };
+        let first = set(&mut room);
+        let at = first.lines().as_ptr();
+        drop(first);
+        // Too little is left after the first set for the second: the room starts over.
+        let second = set(&mut room);
+        assert_eq!(second.lines().as_ptr(), at);
+        // While a set is held, the next goes elsewhere and the held one is untouched.
+        let third = set(&mut room);
+        assert_ne!(third.lines().as_ptr(), at);
+        assert_eq!(second, set(&mut BytesMut::new()));
+    }
+}
