@@ -251,9 +251,8 @@ mod tests {
     fn forwarded_lines_end_the_head_and_give_its_length_and_date() {
         let mut room = BytesMut::new();
         let mut lines = crate::wire::fields::Builder::new(&mut room);
-        lines.push(b"Date", b"Sun, 22 Nov 2026 12:00:00 GMT");
+        lines.push(b"Date: Sun, 22 Nov 2026 12:00:00 GMT\r\nContent-Length: 5");
         lines.date();
-        lines.push(b"Content-Length", b"5");
         lines.content_length(5);
         let fields = lines.finish();
         let mut resp = Response::new(());

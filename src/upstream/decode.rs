@@ -81,17 +81,31 @@ pub(super) fn head(
             None => lines.length,
         };
         let mut fields = fields::Builder::new(room);
-        for (i, (name, value)) in spans.iter().map(line).enumerate() {
+        // Lines forwarded one after the other, and only CRLF between them, go as one run.
+        let mut run: Option<(usize, usize)> = None;
+        for (i, (name, value)) in spans.iter().enumerate() {
+            let name_text = &buf[name.0..name.1];
             // Listed names are looked for once every line is read: they may come before
             // the `Connection` line that lists them.
             let forwarded = hop_lines & (1 << i) == 0
-                && !(hop.lists(name) || length.is_none() && is(name, CONTENT_LENGTH));
-            if forwarded {
-                fields.push(name, value);
-                if is(name, DATE) {
-                    fields.date();
+                && !(hop.lists(name_text) || length.is_none() && is(name_text, CONTENT_LENGTH));
+            run = match run {
+                Some((start, end)) if forwarded && &buf[end..name.0] == b"\r\n" => {
+                    Some((start, value.1))
                 }
+                _ => {
+                    if let Some((start, end)) = run {
+                        fields.push(&buf[start..end]);
+                    }
+                    forwarded.then_some((name.0, value.1))
+                }
+            };
+            if forwarded && is(name_text, DATE) {
+                fields.date();
             }
+        }
+        if let Some((start, end)) = run {
+            fields.push(&buf[start..end]);
         }
         if let Some(n) = length {
             fields.content_length(n);

@@ -5,8 +5,8 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-/// Header lines ready to be written, each `name: value\r\n`, with the names in the case the
-/// sender gave them (nginx forwards them so too).
+/// Header lines ready to be written, each `name: value\r\n` with the name in the case the
+/// sender gave it (nginx forwards names so too) and the space after the colon as it sent it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Fields {
     lines: Bytes,
@@ -38,7 +38,8 @@ impl Fields {
             .map(|line| {
                 let line = line.strip_suffix(b"\r").unwrap_or(line);
                 let colon = line.iter().position(|&b| b == b':').unwrap_or(line.len());
-                (&line[..colon], line.get(colon + 2..).unwrap_or_default())
+                let value = line.get(colon + 1..).unwrap_or_default();
+                (&line[..colon], value.trim_ascii_start())
             })
     }
 }
@@ -61,13 +62,12 @@ impl<'r> Builder<'r> {
         }
     }
 
-    /// Appends a line. `name` and `value` must be what an HTTP parser accepted as a header
-    /// line's name and value, which no line break or colon can be part of.
-    pub fn push(&mut self, name: &[u8], value: &[u8]) {
-        self.room.reserve(name.len() + value.len() + 4);
-        self.room.put_slice(name);
-        self.room.put_slice(b": ");
-        self.room.put_slice(value);
+    /// Appends header lines as an HTTP parser accepted them: from the first line's name to
+    /// the end of the last one's value, each line before the last ending in CRLF. Copying a
+    /// run of lines whole costs less than copying each name and value.
+    pub fn push(&mut self, lines: &[u8]) {
+        self.room.reserve(lines.len() + 2);
+        self.room.put_slice(lines);
         self.room.put_slice(b"\r\n");
     }
 
@@ -98,14 +98,13 @@ mod tests {
     fn lines_are_written_as_given_and_read_back_in_order() {
         let mut room = BytesMut::new();
         let mut b = Builder::new(&mut room);
-        b.push(b"ETag", b"\"x\"");
-        b.push(b"x-empty", b"");
-        b.push(b"Content-Length", b"2");
+        b.push(b"ETag: \"x\"\r\nx-empty:");
+        b.push(b"Content-Length:\t 2");
         b.content_length(2);
         let fields = b.finish();
         assert_eq!(
             &fields.lines()[..],
-            b"ETag: \"x\"\r\nx-empty: \r\nContent-Length: 2\r\n"
+            b"ETag: \"x\"\r\nx-empty:\r\nContent-Length:\t 2\r\n"
         );
         let lines: Vec<_> = fields.iter().collect();
         assert_eq!(
@@ -122,11 +121,11 @@ mod tests {
 
     #[test]
     fn the_room_serves_the_next_set_once_the_last_is_dropped() {
-        let value = [b'v'; 30];
+        let value = [b'v'; 34];
         let mut room = BytesMut::with_capacity(64);
         let set = |room: &mut BytesMut| {
             let mut b = Builder::new(room);
-            b.push(b"A", &value);
+            b.push(&value);
             b.finish()
         };
         let first = set(&mut room);

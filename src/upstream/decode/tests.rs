@@ -44,15 +44,22 @@ fn a_head_leaves_its_body_in_the_buffer() {
 #[test]
 fn lines_are_forwarded_as_sent_in_name_case_and_value() {
     let (head, _) = whole(
-        b"HTTP/1.1 200 OK\r\nDATE: d\r\nx-lower: a  b\r\nETag:\t\"e\"\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nDATE: d\r\nx-lower: a  b \r\nConnection: keep-alive\r\n\
+          ETag:\t\"e\"\nX-Empty:\r\nContent-Length: 0\r\n\r\n",
     );
     let lines = [
         ("DATE", "d"),
         ("x-lower", "a  b"),
         ("ETag", "\"e\""),
+        ("X-Empty", ""),
         ("Content-Length", "0"),
     ];
     assert_eq!(forwarded(&head), lines.map(|(n, v)| (n.into(), v.into())));
+    // Whole lines, each ending in CRLF, whatever ended them on the way in.
+    assert_eq!(
+        &head.response.body().lines()[..],
+        b"DATE: d\r\nx-lower: a  b\r\nETag:\t\"e\"\r\nX-Empty:\r\nContent-Length: 0\r\n"
+    );
     assert!(head.response.body().has_date());
     let (head, _) = whole(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
     assert!(!head.response.body().has_date());
@@ -235,5 +242,83 @@ proptest! {
         prop_assert_eq!(data, chunks.concat());
         prop_assert_eq!(trailers.is_some(), trailer);
         prop_assert!(rest.is_empty());
+    }
+}
+
+/// A header line of a generated head: name, space after the colon, value, space after the
+/// value, line end.
+type GenLine = (
+    &'static str,
+    &'static str,
+    String,
+    &'static str,
+    &'static str,
+);
+
+fn gen_line() -> impl Strategy<Value = GenLine> {
+    let names = prop::sample::select(vec![
+        "X-A",
+        "x-b",
+        "ETag",
+        "Date",
+        "Connection",
+        "Keep-Alive",
+        "TE",
+        "Upgrade",
+        "Proxy-Connection",
+        "Server",
+    ]);
+    let spaces = prop::sample::select(vec!["", " ", "\t", "  "]);
+    let values = prop::sample::select(vec!["", "keep-alive", "x-a", "X-B, close", "a b", "v"]);
+    let ends = prop::sample::select(vec!["\r\n", "\n"]);
+    (
+        names,
+        spaces.clone(),
+        values.prop_map(String::from),
+        spaces,
+        ends,
+    )
+}
+
+proptest! {
+    #[test]
+    fn forwarded_lines_are_the_end_to_end_ones_each_ending_in_crlf(
+        lines in proptest::collection::vec(gen_line(), 0..12),
+    ) {
+        let mut text = b"HTTP/1.1 200 OK\r\n".to_vec();
+        for (name, before, value, after, end) in &lines {
+            text.extend_from_slice(format!("{name}:{before}{value}{after}{end}").as_bytes());
+        }
+        text.extend_from_slice(b"Content-Length: 0\r\n\r\n");
+        let (head, rest) = whole(&text);
+        prop_assert!(rest.is_empty());
+        // What a reader of RFC 9110 §7.6.1 expects: no hop-by-hop line, and no line that a
+        // `Connection` line lists, before or after it.
+        let hop = ["connection", "keep-alive", "te", "upgrade", "proxy-connection"];
+        let listed: Vec<String> = lines
+            .iter()
+            .filter(|l| l.0 == "Connection")
+            .flat_map(|l| l.2.split(',').map(|t| t.trim().to_ascii_lowercase()))
+            .collect();
+        let mut expected = Vec::new();
+        let mut block = String::new();
+        for (name, before, value, after, _) in &lines {
+            let lower = name.to_ascii_lowercase();
+            if !hop.contains(&lower.as_str()) && !listed.contains(&lower) {
+                expected.push((name.to_string(), value.clone()));
+                // Space after a value is dropped; with no value, it is all space after the
+                // colon, which is kept.
+                let after = if value.is_empty() { after } else { "" };
+                block.push_str(&format!("{name}:{before}{value}{after}\r\n"));
+            }
+        }
+        expected.push(("Content-Length".into(), "0".into()));
+        block.push_str("Content-Length: 0\r\n");
+        prop_assert_eq!(forwarded(&head), expected);
+        prop_assert_eq!(&head.response.body().lines()[..], block.as_bytes());
+        prop_assert_eq!(
+            head.response.body().has_date(),
+            !listed.contains(&"date".to_string()) && lines.iter().any(|l| l.0 == "Date")
+        );
     }
 }
