@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
-use http::header::{self, HeaderValue};
+use bytes::Bytes;
 use http::{Request, Response};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
@@ -87,15 +87,18 @@ pub struct Downstream {
     keepalive_requests: u64,
     keepalive_time: Duration,
     max_header_size: usize,
-    /// `Keep-Alive: timeout=N`, as announced to clients.
-    hint: HeaderValue,
+    /// The `Keep-Alive: timeout=N` line announced to clients.
+    hint: Bytes,
     shutdown: Arc<Shutdown>,
     next_serial: AtomicU64,
 }
 
 impl Downstream {
     pub fn new(cfg: &DownstreamConfig, proxy: Arc<Proxy>, shutdown: Arc<Shutdown>) -> Downstream {
-        let hint = format!("timeout={}", cfg.keepalive_timeout.as_secs());
+        let hint = format!(
+            "keep-alive: timeout={}\r\n",
+            cfg.keepalive_timeout.as_secs()
+        );
         Downstream {
             proxy,
             timeouts: Timeouts {
@@ -106,7 +109,7 @@ impl Downstream {
             keepalive_requests: cfg.keepalive_requests,
             keepalive_time: cfg.keepalive_time,
             max_header_size: cfg.max_header_size,
-            hint: HeaderValue::from_str(&hint).expect("digits are a valid header value"),
+            hint: Bytes::from(hint),
             shutdown,
             next_serial: AtomicU64::new(1),
         }
@@ -228,7 +231,7 @@ impl Downstream {
                     .request(req, addr, serial, service_tracker.clone()),
             )
         };
-        let mut conn = h1::Conn::new(io, self.max_header_size, service);
+        let mut conn = h1::Conn::new(io, self.max_header_size, self.hint.clone(), service);
         let mut sleep = pin!(tokio::time::sleep(Duration::from_secs(3600)));
         let mut closing = false;
         // The waker `stop` was last polled with. Each poll of `stop` locks a waiter list that
@@ -319,7 +322,7 @@ impl Downstream {
         addr: SocketAddr,
         serial: u64,
         tracker: Arc<Tracker>,
-    ) -> Result<Response<ResponseBody>, Abort> {
+    ) -> Result<(Response<ResponseBody>, bool), Abort> {
         let (requests, conflicting_framing) = tracker.begin();
         // Ends the request on its connection when the response body is dropped, or right
         // away if the proxy asks to abort.
@@ -332,26 +335,13 @@ impl Downstream {
             conflicting_framing,
         };
         let resp = self.proxy.handle(req, client).await?;
-        let (mut parts, body) = resp.into_parts();
         let last = !keep_alive
             || conflicting_framing
             || requests >= self.keepalive_requests
             || crate::clock::now().saturating_duration_since(tracker.accepted)
                 >= self.keepalive_time
             || self.shutdown.is_begun();
-        if last {
-            parts
-                .headers
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        } else {
-            parts
-                .headers
-                .insert(hop::KEEP_ALIVE_NAME, self.hint.clone());
-        }
-        Ok(Response::from_parts(
-            parts,
-            body.on_drop(in_flight.hand_over()),
-        ))
+        Ok((resp.map(|body| body.on_drop(in_flight.hand_over())), last))
     }
 }
 

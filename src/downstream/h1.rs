@@ -24,9 +24,11 @@ use crate::proxy::body::{BodyError, ResponseBody};
 use crate::wire::chunked::Step;
 
 /// The future of one request, boxed: the proxy's is several KiB, and a box lives only
-/// while a request does.
+/// while a request does. Its output: the response, and whether it is the connection's last
+/// for a reason the connection does not see (the client's wish, the request cap, the
+/// connection's age, a conflicting framing, shutdown).
 pub(super) type Handling =
-    Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, Abort>> + Send>>;
+    Pin<Box<dyn Future<Output = Result<(Response<ResponseBody>, bool), Abort>> + Send>>;
 
 /// Room made for a read of a request head: most heads are a few hundred bytes, and a
 /// buffer is split, not copied, into the heads it holds.
@@ -119,13 +121,15 @@ enum State {
 pub(super) struct Conn<F> {
     wire: Wire,
     service: F,
+    /// The `Keep-Alive` line of a response after which the connection stays open.
+    hint: Bytes,
     state: State,
     closing: bool,
     outcome: Option<Result<(), Error>>,
 }
 
 impl<F: FnMut(Request<Incoming>) -> Handling + Unpin> Conn<F> {
-    pub(super) fn new(io: Observed<ClientSide>, limit: usize, service: F) -> Conn<F> {
+    pub(super) fn new(io: Observed<ClientSide>, limit: usize, hint: Bytes, service: F) -> Conn<F> {
         Conn {
             wire: Wire {
                 io,
@@ -137,6 +141,7 @@ impl<F: FnMut(Request<Incoming>) -> Handling + Unpin> Conn<F> {
                 limit,
             },
             service,
+            hint,
             state: State::Head,
             closing: false,
             outcome: None,
@@ -192,21 +197,23 @@ impl<F: FnMut(Request<Incoming>) -> Handling + Unpin> Conn<F> {
         self.state = State::Handling { fut, head, version };
     }
 
-    fn respond(&mut self, resp: Response<ResponseBody>, head: bool, version: Version) {
-        let (mut parts, body) = resp.into_parts();
+    fn respond(&mut self, resp: Response<ResponseBody>, last: bool, head: bool, version: Version) {
+        let (parts, body) = resp.into_parts();
         let asked = Asked {
             head,
             version,
+            last,
             body_left: self.wire.reading.is_some(),
             closing: self.closing,
         };
         let exact = body.size_hint().exact();
         let wire = &mut self.wire;
         let (framing, keep) = response::head(
-            &mut parts,
+            &parts,
             body.fields(),
             exact,
             asked,
+            &self.hint,
             &mut wire.heads,
             &mut wire.out,
         );
@@ -259,7 +266,7 @@ impl<F: FnMut(Request<Incoming>) -> Handling + Unpin> Future for Conn<F> {
                 State::Handling { fut, head, version } => {
                     let (head, version) = (*head, *version);
                     match fut.as_mut().poll(cx) {
-                        Poll::Ready(Ok(resp)) => this.respond(resp, head, version),
+                        Poll::Ready(Ok((resp, last))) => this.respond(resp, last, head, version),
                         Poll::Ready(Err(Abort)) => this.finish(Err(Error::Aborted)),
                         Poll::Pending => match this.wire.poll_body(cx, true) {
                             Ok(true) => {}

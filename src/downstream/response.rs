@@ -3,6 +3,7 @@
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
+use std::fmt::Write;
 use std::time::SystemTime;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -25,11 +26,14 @@ pub(super) enum Framing {
     UntilClose,
 }
 
-/// What the request said that shapes its response.
+/// What the request and the service said that shapes the response.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Asked {
     pub(super) head: bool,
     pub(super) version: Version,
+    /// The service made this response the connection's last, for any reason it has (the
+    /// client's wish, the request cap, a conflicting framing).
+    pub(super) last: bool,
     /// The request body was not read whole: nothing may follow on the connection.
     pub(super) body_left: bool,
     /// Graceful shutdown began: this response is the connection's last.
@@ -38,30 +42,37 @@ pub(super) struct Asked {
 
 /// Queues the head of `parts` and `fields` in `out`, written into `room` and split off it
 /// (see [`super::h1`]'s reuse of it); returns the body's framing and whether the connection
-/// stays open after the response.
+/// stays open after the response, which `hint`, a `Keep-Alive` line, is written for.
+///
+/// The lines of the framing and of the connection are written here, not put in the
+/// response's header map: for a forwarded response the map stays empty, and costs nothing.
 pub(super) fn head(
-    parts: &mut Parts,
+    parts: &Parts,
     fields: &Fields,
     exact: Option<u64>,
     asked: Asked,
+    hint: &[u8],
     room: &mut BytesMut,
     out: &mut VecDeque<Bytes>,
 ) -> (Framing, bool) {
     let status = parts.status;
-    let headers = &mut parts.headers;
+    let headers = &parts.headers;
     let http10 = asked.version == Version::HTTP_10;
-    // The service says `close` for every reason it has (the client's wish, the request
-    // cap, a conflicting framing); the rest are the connection's own.
-    let mut keep = !has_close(headers);
     // An interim status as the final answer (a 101 kaguard does not relay) leaves the client
     // waiting for another: only the close ends its wait.
-    if keep && (asked.body_left || asked.closing || status.is_informational()) {
-        keep = false;
-        headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
-    }
-    // The framing is this connection's to choose: an upstream's Transfer-Encoding is noted
-    // as hop-by-hop and never forwarded, and kaguard's own responses carry none.
-    debug_assert!(!headers.contains_key(header::TRANSFER_ENCODING));
+    let mut keep = !(asked.last || asked.body_left || asked.closing || status.is_informational());
+    // The framing and the connection are this connection's to say: an upstream's lines for
+    // them are hop-by-hop and never forwarded, and kaguard's own responses carry none.
+    debug_assert!(
+        [
+            header::TRANSFER_ENCODING,
+            header::CONNECTION,
+            header::CONTENT_LENGTH
+        ]
+        .iter()
+        .all(|name| !headers.contains_key(name))
+    );
+    let mut length = None;
     let framing = if asked.head
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
@@ -71,64 +82,49 @@ pub(super) fn head(
     } else if let Some(n) = fields.content_length() {
         Framing::Length(n)
     } else if let Some(n) = exact {
-        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+        length = Some(n);
         Framing::Length(n)
     } else if !http10 {
-        headers.insert(
-            header::TRANSFER_ENCODING,
-            HeaderValue::from_static("chunked"),
-        );
         Framing::Chunked
     } else {
-        if keep {
-            keep = false;
-            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
-        }
+        keep = false;
         Framing::UntilClose
     };
-    if !keep {
-        // The service's idle hint is for a connection that stays open.
-        headers.remove(crate::hop::KEEP_ALIVE_NAME);
-    } else if http10 {
-        headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
-    }
-    if !fields.has_date() && !headers.contains_key(header::DATE) {
-        headers.insert(header::DATE, date());
-    }
-    out.push_back(encode(status, http10, headers, fields, room));
-    (framing, keep)
-}
-
-fn has_close(headers: &HeaderMap) -> bool {
-    headers.get_all(header::CONNECTION).iter().any(|v| {
-        v.as_bytes()
-            .split(|&b| b == b',')
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
-    })
-}
-
-fn encode(
-    status: StatusCode,
-    http10: bool,
-    headers: &HeaderMap,
-    fields: &Fields,
-    buf: &mut BytesMut,
-) -> Bytes {
     let reason = status.canonical_reason().unwrap_or("");
     let lines: usize = headers
         .iter()
         .map(|(name, value)| name.as_str().len() + value.len() + 4)
         .sum();
-    buf.reserve(lines + fields.lines().len() + reason.len() + 16);
-    buf.put_slice(if http10 { b"HTTP/1.0 " } else { b"HTTP/1.1 " });
-    buf.put_slice(status.as_str().as_bytes());
-    buf.put_u8(b' ');
-    buf.put_slice(reason.as_bytes());
-    buf.put_slice(b"\r\n");
-    crate::wire::put_lines(buf, headers.iter());
-    buf.put_slice(fields.lines());
-    buf.put_slice(b"\r\n");
-    buf.split().freeze()
+    room.reserve(lines + fields.lines().len() + reason.len() + hint.len() + 128);
+    room.put_slice(if http10 { b"HTTP/1.0 " } else { b"HTTP/1.1 " });
+    room.put_slice(status.as_str().as_bytes());
+    room.put_u8(b' ');
+    room.put_slice(reason.as_bytes());
+    room.put_slice(b"\r\n");
+    crate::wire::put_lines(room, headers.iter());
+    if let Some(n) = length {
+        write!(room, "content-length: {n}\r\n").expect("a BytesMut grows");
+    }
+    if framing == Framing::Chunked {
+        room.put_slice(b"transfer-encoding: chunked\r\n");
+    }
+    if !keep {
+        room.put_slice(b"connection: close\r\n");
+    } else {
+        if http10 {
+            room.put_slice(b"connection: keep-alive\r\n");
+        }
+        room.put_slice(hint);
+    }
+    if !fields.has_date() && !headers.contains_key(header::DATE) {
+        room.put_slice(b"date: ");
+        room.put_slice(date().as_bytes());
+        room.put_slice(b"\r\n");
+    }
+    room.put_slice(fields.lines());
+    room.put_slice(b"\r\n");
+    out.push_back(room.split().freeze());
+    (framing, keep)
 }
 
 /// Queues one frame of data in the framing; false when the frame ran past the
@@ -215,10 +211,13 @@ mod tests {
         Asked {
             head: false,
             version,
+            last: false,
             body_left: false,
             closing: false,
         }
     }
+
+    const HINT: &[u8] = b"keep-alive: timeout=60\r\n";
 
     fn written(resp: Response<()>, exact: Option<u64>, asked: Asked) -> (String, Framing, bool) {
         forwarding(resp, &Fields::default(), exact, asked)
@@ -230,10 +229,10 @@ mod tests {
         exact: Option<u64>,
         asked: Asked,
     ) -> (String, Framing, bool) {
-        let (mut parts, ()) = resp.into_parts();
+        let (parts, ()) = resp.into_parts();
         let mut out = VecDeque::new();
         let room = &mut BytesMut::new();
-        let (framing, keep) = head(&mut parts, fields, exact, asked, room, &mut out);
+        let (framing, keep) = head(&parts, fields, exact, asked, HINT, room, &mut out);
         let text = String::from_utf8(out.iter().flat_map(|b| b.to_vec()).collect()).unwrap();
         (text, framing, keep)
     }
@@ -244,6 +243,7 @@ mod tests {
         assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
         assert!(text.contains("content-length: 2\r\n"), "{text}");
         assert!(text.contains("date: "), "{text}");
+        assert!(text.contains("keep-alive: timeout=60\r\n"), "{text}");
         assert_eq!((framing, keep), (Framing::Length(2), true));
     }
 
@@ -255,11 +255,12 @@ mod tests {
         lines.date();
         lines.content_length(5);
         let fields = lines.finish();
-        let mut resp = Response::new(());
-        resp.headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        let last = Asked {
+            last: true,
+            ..asked(Version::HTTP_11)
+        };
         // No exact size: the forwarded length frames the body all the same.
-        let (text, framing, keep) = forwarding(resp, &fields, None, asked(Version::HTTP_11));
+        let (text, framing, keep) = forwarding(Response::new(()), &fields, None, last);
         assert_eq!(
             text,
             "HTTP/1.1 200 OK\r\nconnection: close\r\n\
@@ -287,24 +288,25 @@ mod tests {
     }
 
     #[test]
-    fn close_from_the_service_or_an_unread_body_ends_the_connection() {
-        let mut resp = Response::new(());
-        resp.headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        assert!(!written(resp, Some(0), asked(Version::HTTP_11)).2);
-        let unread = Asked {
-            body_left: true,
-            ..asked(Version::HTTP_11)
-        };
-        let mut resp = Response::new(());
-        resp.headers_mut().insert(
-            crate::hop::KEEP_ALIVE_NAME,
-            HeaderValue::from_static("timeout=60"),
-        );
-        let (text, _, keep) = written(resp, Some(0), unread);
-        assert!(text.contains("connection: close\r\n"), "{text}");
-        assert!(!text.contains("keep-alive"), "{text}");
-        assert!(!keep);
+    fn the_service_shutdown_or_an_unread_body_end_the_connection_without_a_hint() {
+        let base = asked(Version::HTTP_11);
+        for ending in [
+            Asked { last: true, ..base },
+            Asked {
+                body_left: true,
+                ..base
+            },
+            Asked {
+                closing: true,
+                ..base
+            },
+        ] {
+            let (text, _, keep) = written(Response::new(()), Some(0), ending);
+            assert!(text.contains("connection: close\r\n"), "{text}");
+            // The idle hint is for a connection that stays open.
+            assert!(!text.contains("keep-alive"), "{text}");
+            assert!(!keep);
+        }
     }
 
     #[test]
