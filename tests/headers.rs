@@ -125,6 +125,23 @@ async fn hop_by_hop_response_headers_do_not_reach_the_client() {
 }
 
 #[tokio::test]
+async fn the_client_gets_one_content_length_whatever_the_upstream_did_with_its_own() {
+    for head in [
+        // Listed in `Connection`: the upstream's is this hop's alone; the body's size stands in.
+        &b"HTTP/1.1 200 OK\r\nConnection: content-length\r\nContent-Length: 5\r\n\r\nhello"[..],
+        // A list and a repeated line: one value, said once.
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\ncontent-length: 5\r\n\r\nhello",
+    ] {
+        let (addr, _) = scripted_upstream(head).await;
+        let kg = start(config(&[addr])).await;
+        let resp = get(kg.addr, "/").await;
+        assert_eq!(resp.body().as_ref(), b"hello");
+        let lengths: Vec<_> = resp.headers().get_all("content-length").iter().collect();
+        assert_eq!(lengths, ["5"], "{:?}", resp.headers());
+    }
+}
+
+#[tokio::test]
 async fn host_is_passed_through_and_copied_to_x_forwarded_host() {
     let up = upstream(Behaviour::default()).await;
     let kg = start(config(&[up.addr()])).await;

@@ -3,7 +3,6 @@
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
-use std::fmt::Write;
 use std::time::SystemTime;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -72,7 +71,8 @@ pub(super) fn head(
         .iter()
         .all(|name| !headers.contains_key(name))
     );
-    let mut length = None;
+    // A bodiless answer still says the length the upstream gave (of what a GET would get).
+    let mut length = fields.content_length();
     let framing = if asked.head
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
@@ -103,7 +103,9 @@ pub(super) fn head(
     room.put_slice(b"\r\n");
     crate::wire::put_lines(room, headers.iter());
     if let Some(n) = length {
-        write!(room, "content-length: {n}\r\n").expect("a BytesMut grows");
+        room.put_slice(b"content-length: ");
+        room.put_slice(itoa::Buffer::new().format(n).as_bytes());
+        room.put_slice(b"\r\n");
     }
     if framing == Framing::Chunked {
         room.put_slice(b"transfer-encoding: chunked\r\n");
@@ -251,7 +253,7 @@ mod tests {
     fn forwarded_lines_end_the_head_and_give_its_length_and_date() {
         let mut room = BytesMut::new();
         let mut lines = crate::wire::fields::Builder::new(&mut room);
-        lines.push(b"Date: Sun, 22 Nov 2026 12:00:00 GMT\r\nContent-Length: 5");
+        lines.push(b"Date: Sun, 22 Nov 2026 12:00:00 GMT\r\nETag: \"x\"");
         lines.date();
         lines.content_length(5);
         let fields = lines.finish();
@@ -263,10 +265,18 @@ mod tests {
         let (text, framing, keep) = forwarding(Response::new(()), &fields, None, last);
         assert_eq!(
             text,
-            "HTTP/1.1 200 OK\r\nconnection: close\r\n\
-             Date: Sun, 22 Nov 2026 12:00:00 GMT\r\nContent-Length: 5\r\n\r\n"
+            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: close\r\n\
+             Date: Sun, 22 Nov 2026 12:00:00 GMT\r\nETag: \"x\"\r\n\r\n"
         );
         assert_eq!((framing, keep), (Framing::Length(5), false));
+        // A bodiless answer still says the length the upstream gave.
+        let head = Asked {
+            head: true,
+            ..asked(Version::HTTP_11)
+        };
+        let (text, framing, _) = forwarding(Response::new(()), &fields, Some(0), head);
+        assert!(text.contains("content-length: 5\r\n"), "{text}");
+        assert_eq!(framing, Framing::Bodiless);
     }
 
     #[test]

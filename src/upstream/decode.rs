@@ -87,8 +87,11 @@ pub(super) fn head(
             let name_text = &buf[name.0..name.1];
             // Listed names are looked for once every line is read: they may come before
             // the `Connection` line that lists them.
+            // Content-Length is the client's head's to write, from the length noted: once,
+            // where the upstream may have sent a list or repeated lines.
             let forwarded = hop_lines & (1 << i) == 0
-                && !(hop.lists(name_text) || length.is_none() && is(name_text, CONTENT_LENGTH));
+                && !is(name_text, CONTENT_LENGTH)
+                && !hop.lists(name_text);
             run = match run {
                 Some((start, end)) if forwarded && &buf[end..name.0] == b"\r\n" => {
                     Some((start, value.1))
@@ -107,6 +110,8 @@ pub(super) fn head(
         if let Some((start, end)) = run {
             fields.push(&buf[start..end]);
         }
+        // Even a `Content-Length` that `Connection` lists, and that is not forwarded, is the
+        // length of the body the client gets, which its head must give.
         if let Some(n) = length {
             fields.content_length(n);
         }

@@ -7,6 +7,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 /// Header lines ready to be written, each `name: value\r\n` with the name in the case the
 /// sender gave it (nginx forwards names so too) and the space after the colon as it sent it.
+/// `Content-Length` is not among them: its value is kept, for the head to write once.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Fields {
     lines: Bytes,
@@ -20,7 +21,7 @@ impl Fields {
         &self.lines
     }
 
-    /// The value of the `Content-Length` line among them.
+    /// The length the sender's `Content-Length` gave, to be forwarded.
     pub fn content_length(&self) -> Option<u64> {
         self.content_length
     }
@@ -30,7 +31,8 @@ impl Fields {
         self.date
     }
 
-    /// Each line's name and value, in order.
+    /// Each line's name and value, in order: what a test reads back.
+    #[cfg(test)]
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
         self.lines
             .split(|&b| b == b'\n')
@@ -43,6 +45,11 @@ impl Fields {
             })
     }
 }
+
+/// Most room kept from one set of lines to the next. A response's lines rarely pass 1 KiB
+/// (nginx reads a whole upstream head into 4 or 8 KiB by default); a connection kept idle in
+/// the pool should not hold the room of the largest head it once carried, up to 64 KiB.
+const KEPT_ROOM: usize = 4 * 1024;
 
 /// Builds [`Fields`] in room the caller keeps from one head to the next: each set is split
 /// off it, and once the set is written and dropped its room serves the next.
@@ -71,7 +78,7 @@ impl<'r> Builder<'r> {
         self.room.put_slice(b"\r\n");
     }
 
-    /// Records the value of the `Content-Length` line pushed.
+    /// Records the length to forward as `Content-Length`.
     pub fn content_length(&mut self, n: u64) {
         self.content_length = Some(n);
     }
@@ -82,8 +89,13 @@ impl<'r> Builder<'r> {
     }
 
     pub fn finish(self) -> Fields {
+        let lines = self.room.split().freeze();
+        if lines.len() > KEPT_ROOM {
+            // The room of a rare large set goes with it, not kept for every later one.
+            *self.room = BytesMut::new();
+        }
         Fields {
-            lines: self.room.split().freeze(),
+            lines,
             content_length: self.content_length,
             date: self.date,
         }
@@ -138,5 +150,15 @@ mod tests {
         let third = set(&mut room);
         assert_ne!(third.lines().as_ptr(), at);
         assert_eq!(second, set(&mut BytesMut::new()));
+    }
+
+    #[test]
+    fn the_room_of_a_large_set_is_not_kept() {
+        let mut room = BytesMut::new();
+        let mut b = Builder::new(&mut room);
+        b.push(&vec![b'v'; KEPT_ROOM + 1]);
+        let large = b.finish();
+        assert_eq!(room.capacity(), 0);
+        assert_eq!(large.lines().len(), KEPT_ROOM + 3);
     }
 }
