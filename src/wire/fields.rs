@@ -1,7 +1,7 @@
 //! A response's end-to-end header lines, carried from the upstream's head to the client's as
-//! they were written: the proxy acts on none of them but the two whose facts are kept here.
-//! Building a header map of every line, only to write each one out again, cost more than
-//! reading the head.
+//! they were written: the proxy acts on none of them but `Content-Length` and `Date`, whose
+//! facts are kept here. Building a header map of every line, only to write each one out
+//! again, cost more than reading the head.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
