@@ -18,6 +18,23 @@ use tokio::io::AsyncWrite;
 /// Most buffers handed to one vectored write; a chunked body queues three per chunk.
 const WRITE_SLICES: usize = 16;
 
+/// Most room a connection keeps from one head it writes to the next. Heads rarely pass 1 KiB
+/// (nginx reads a whole upstream head into 4 or 8 KiB by default); a connection, above all
+/// one kept idle in the pool, should not hold the room of the largest head it once wrote,
+/// up to 64 KiB.
+const KEPT_ROOM: usize = 4 * 1024;
+
+/// Splits what was written into `room` off it, to be sent. Once the split-off bytes are
+/// dropped, the next head is written over them, with no allocation; a head larger than
+/// [`KEPT_ROOM`] takes its room away with it instead.
+pub fn split_head(room: &mut BytesMut) -> Bytes {
+    let head = room.split().freeze();
+    if head.len() > KEPT_ROOM {
+        *room = BytesMut::new();
+    }
+    head
+}
+
 /// Writes what one vectored write takes from the front of `out`, and drops it from the
 /// queue. A write that takes nothing is an error: the socket can take no more.
 pub fn poll_write_queue<W: AsyncWrite + Unpin>(
@@ -60,5 +77,33 @@ pub fn put_lines<'h>(
         buf.put_slice(b": ");
         buf.put_slice(value.as_bytes());
         buf.put_slice(b"\r\n");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_small_head_leaves_its_room_and_a_large_one_takes_it() {
+        let mut room = BytesMut::with_capacity(KEPT_ROOM);
+        room.put_slice(b"GET / HTTP/1.1\r\n\r\n");
+        let small = split_head(&mut room);
+        assert_eq!(&small[..], b"GET / HTTP/1.1\r\n\r\n");
+        assert!(
+            room.capacity() > 0,
+            "the rest of the room stays for the next head"
+        );
+        drop(small);
+        room.put_slice(&vec![b'x'; 16 * KEPT_ROOM]);
+        let large = split_head(&mut room);
+        assert_eq!(large.len(), 16 * KEPT_ROOM);
+        drop(large);
+        // Kept, the large room would be whole again for the next head.
+        room.reserve(16);
+        assert!(
+            room.capacity() < KEPT_ROOM,
+            "a large head's room goes with it"
+        );
     }
 }

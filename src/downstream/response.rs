@@ -125,7 +125,7 @@ pub(super) fn head(
     }
     room.put_slice(fields.lines());
     room.put_slice(b"\r\n");
-    out.push_back(room.split().freeze());
+    out.push_back(crate::wire::split_head(room));
     (framing, keep)
 }
 

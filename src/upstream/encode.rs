@@ -82,25 +82,25 @@ pub(super) fn request(
     head.put_slice(b"\r\n");
 
     if streamed {
-        out.push_back(head.split().freeze());
+        out.push_back(crate::wire::split_head(head));
         return Some(Sending { body, chunked });
     }
     match data {
         Some(data) if chunked => {
-            out.push_back(head.split().freeze());
+            out.push_back(crate::wire::split_head(head));
             out.push_back(chunk_size(data.len()));
             out.push_back(data);
             out.push_back(Bytes::from_static(b"\r\n"));
         }
         Some(data) if inline.is_some() => {
             head.put_slice(&data);
-            out.push_back(head.split().freeze());
+            out.push_back(crate::wire::split_head(head));
         }
         Some(data) => {
-            out.push_back(head.split().freeze());
+            out.push_back(crate::wire::split_head(head));
             out.push_back(data);
         }
-        None => out.push_back(head.split().freeze()),
+        None => out.push_back(crate::wire::split_head(head)),
     }
     if chunked {
         out.push_back(end_chunks(trailers.as_deref()));
