@@ -75,7 +75,9 @@ impl Hop {
 
     /// `Connection` listed `name` (in any case) as hop-by-hop for this message.
     pub fn lists(&self, name: &[u8]) -> bool {
-        self.listed.iter().any(|l| same_name(l, name))
+        self.listed
+            .iter()
+            .any(|l| crate::wire::name_is(name, l.as_str().as_bytes()))
     }
 
     /// `Connection: close, keep-alive, <names>`.
@@ -148,12 +150,6 @@ pub fn position(name: &[u8]) -> Option<usize> {
         .iter()
         .copied()
         .find(|&i| HOP_NAMES[i].eq_ignore_ascii_case(name))
-}
-
-fn same_name(known: &HeaderName, name: &[u8]) -> bool {
-    let known = known.as_str();
-    // The lengths differ for most pairs, and comparing them first is cheapest.
-    known.len() == name.len() && known.as_bytes().eq_ignore_ascii_case(name)
 }
 
 /// A value that is not visible ASCII names no token and no parameter.

@@ -73,11 +73,31 @@ pub fn put_lines<'h>(
     lines: impl Iterator<Item = (&'h HeaderName, &'h HeaderValue)>,
 ) {
     for (name, value) in lines {
-        buf.put_slice(name.as_str().as_bytes());
-        buf.put_slice(b": ");
-        buf.put_slice(value.as_bytes());
-        buf.put_slice(b"\r\n");
+        put_line(buf, name.as_str().as_bytes(), value.as_bytes());
     }
+}
+
+/// Appends one `name: value` line.
+pub fn put_line(buf: &mut BytesMut, name: &[u8], value: &[u8]) {
+    buf.put_slice(name);
+    buf.put_slice(b": ");
+    buf.put_slice(value);
+    buf.put_slice(b"\r\n");
+}
+
+/// Appends a `Content-Length` line.
+pub fn put_length(buf: &mut BytesMut, n: u64) {
+    put_line(
+        buf,
+        b"content-length",
+        itoa::Buffer::new().format(n).as_bytes(),
+    );
+}
+
+/// Whether a header's name, as sent, is `known`, given in lower case.
+pub fn name_is(name: &[u8], known: &[u8]) -> bool {
+    // The lengths differ for most pairs, and comparing them first is cheapest.
+    name.len() == known.len() && name.eq_ignore_ascii_case(known)
 }
 
 #[cfg(test)]

@@ -103,9 +103,7 @@ pub(super) fn head(
     room.put_slice(b"\r\n");
     crate::wire::put_lines(room, headers.iter());
     if let Some(n) = length {
-        room.put_slice(b"content-length: ");
-        room.put_slice(itoa::Buffer::new().format(n).as_bytes());
-        room.put_slice(b"\r\n");
+        crate::wire::put_length(room, n);
     }
     if framing == Framing::Chunked {
         room.put_slice(b"transfer-encoding: chunked\r\n");
@@ -119,9 +117,7 @@ pub(super) fn head(
         room.put_slice(hint);
     }
     if !fields.has_date() && !headers.contains_key(header::DATE) {
-        room.put_slice(b"date: ");
-        room.put_slice(date().as_bytes());
-        room.put_slice(b"\r\n");
+        crate::wire::put_line(room, b"date", date().as_bytes());
     }
     room.put_slice(fields.lines());
     room.put_slice(b"\r\n");

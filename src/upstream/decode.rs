@@ -6,6 +6,7 @@ use http::{Response, StatusCode, Version};
 
 use crate::hop::Hop;
 use crate::wire::fields::{self, Fields};
+use crate::wire::name_is as is;
 
 /// Most header lines a response head may carry: hyper's default limit, which kaguard's
 /// upstreams met before it read responses itself. More is refused, never truncated.
@@ -133,11 +134,6 @@ pub(super) fn head(
 const CONTENT_LENGTH: &[u8] = b"content-length";
 const TRANSFER_ENCODING: &[u8] = b"transfer-encoding";
 const DATE: &[u8] = b"date";
-
-/// Whether a header's name is `known`, given in lower case, in any case.
-fn is(name: &[u8], known: &[u8]) -> bool {
-    name.len() == known.len() && name.eq_ignore_ascii_case(known)
-}
 
 /// Where a header's name and value lie in the buffer.
 pub(super) type Spans = ((usize, usize), (usize, usize));

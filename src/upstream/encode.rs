@@ -2,7 +2,6 @@
 //! announces.
 
 use std::collections::VecDeque;
-use std::fmt::Write as _;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
@@ -77,7 +76,7 @@ pub(super) fn request(
     if chunked {
         head.put_slice(b"transfer-encoding: chunked\r\n");
     } else if length.is_none() && data_len > 0 {
-        let _ = write!(head, "content-length: {data_len}\r\n");
+        crate::wire::put_length(head, data_len as u64);
     }
     head.put_slice(b"\r\n");
 
