@@ -6,6 +6,7 @@ mod h1;
 mod head;
 mod incoming;
 mod io;
+mod lines;
 mod lot;
 mod observed;
 mod response;
@@ -24,7 +25,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 
 use crate::config::DownstreamConfig;
-use crate::hop;
 use crate::proxy::body::{OnDrop, ResponseBody};
 use crate::proxy::{Abort, Client, Proxy};
 use h1::Handling;
@@ -32,6 +32,7 @@ use h1::Handling;
 pub(crate) use incoming::Feed;
 pub use incoming::Incoming;
 use io::{ClientSide, Tracker, Wait};
+pub use lines::Lines;
 use observed::Observed;
 
 /// How much longer than announced an idle client connection is held. Clients that honor
@@ -223,12 +224,12 @@ impl Downstream {
     ) -> Served {
         let this = self.clone();
         let service_tracker = tracker.clone();
-        let service = move |req: Request<Incoming>| -> Handling {
+        let service = move |req: Request<Incoming>, lines: Lines| -> Handling {
             // The request's own future, boxed once: a wrapping block would hold it too, and
             // every layer is one more copy of several KiB per request.
             Box::pin(
                 this.clone()
-                    .request(req, addr, serial, service_tracker.clone()),
+                    .request(req, lines, addr, serial, service_tracker.clone()),
             )
         };
         let mut conn = h1::Conn::new(io, self.max_header_size, self.hint.clone(), service);
@@ -319,6 +320,7 @@ impl Downstream {
     async fn request(
         self: Arc<Self>,
         req: Request<Incoming>,
+        lines: Lines,
         addr: SocketAddr,
         serial: u64,
         tracker: Arc<Tracker>,
@@ -327,14 +329,14 @@ impl Downstream {
         // Ends the request on its connection when the response body is dropped, or right
         // away if the proxy asks to abort.
         let in_flight = InFlight(Some(tracker.clone()));
-        let keep_alive = hop::wants_keep_alive(req.version(), req.headers());
+        let keep_alive = lines.keep_alive;
         let client = Client {
             addr,
             connection: serial,
             requests,
             conflicting_framing,
         };
-        let resp = self.proxy.handle(req, client).await?;
+        let resp = self.proxy.handle(req, lines, client).await?;
         let last = !keep_alive
             || conflicting_framing
             || requests >= self.keepalive_requests

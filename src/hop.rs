@@ -3,34 +3,25 @@
 //! lines say about the connection it came on.
 
 use http::Version;
-use http::header::{self, HeaderMap, HeaderName};
+use http::header::HeaderName;
 
-/// The `Keep-Alive` header's name: not among the `http` crate's standard names, so built here
-/// once; `HeaderName::from_static` named at run time looks it up among the standard ones.
-pub const KEEP_ALIVE_NAME: HeaderName = HeaderName::from_static("keep-alive");
-
-/// Hop-by-hop headers that never cross the proxy, besides those listed in `Connection`.
-/// A static, not a const: a const is built anew, and dropped, wherever it is named.
-pub static HOP_BY_HOP: [HeaderName; 9] = [
-    header::CONNECTION,
-    KEEP_ALIVE_NAME,
-    HeaderName::from_static("proxy-connection"),
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
+/// Hop-by-hop headers that never cross the proxy, besides those listed in `Connection`, in
+/// lower case: lines are matched against them as read, before any `HeaderName` is built.
+const HOP_BY_HOP: [&[u8]; 9] = [
+    b"connection",
+    b"keep-alive",
+    b"proxy-connection",
+    b"te",
+    b"trailer",
+    b"transfer-encoding",
+    b"upgrade",
+    b"proxy-authenticate",
+    b"proxy-authorization",
 ];
 
 /// Where `Connection` and `Keep-Alive` are in [`HOP_BY_HOP`].
-pub const CONNECTION: usize = 0;
+const CONNECTION: usize = 0;
 const KEEP_ALIVE: usize = 1;
-
-/// Whether the peer that sent these headers wants the connection kept open afterwards.
-pub fn wants_keep_alive(version: Version, headers: &HeaderMap) -> bool {
-    Hop::of_connection(headers).keeps_alive(version)
-}
 
 /// What a message's hop-by-hop lines said, noted line by line as its head is read, so that
 /// none of them is forwarded and none needs looking up again.
@@ -49,16 +40,6 @@ pub struct Hop {
 }
 
 impl Hop {
-    /// What the `Connection` lines of a map already built say (a client's request): the
-    /// rest of its hop-by-hop lines are found by name.
-    pub fn of_connection(headers: &HeaderMap) -> Hop {
-        let mut hop = Hop::default();
-        for value in headers.get_all(header::CONNECTION) {
-            hop.note_connection(text(value.as_bytes()));
-        }
-        hop
-    }
-
     /// Notes one header line, its name and value as the parser found them. True when it is
     /// hop-by-hop, and is not forwarded.
     pub fn note(&mut self, name: &[u8], value: &[u8]) -> bool {
@@ -109,8 +90,8 @@ impl Hop {
         }
     }
 
-    /// Whether the peer keeps the connection open after this message: the same rules as
-    /// [`wants_keep_alive`], on the noted lines.
+    /// Whether the peer keeps the connection open after this message: an HTTP/1.1 peer
+    /// unless it said `close`, an HTTP/1.0 peer only if it said `keep-alive`.
     pub fn keeps_alive(&self, version: Version) -> bool {
         match version {
             Version::HTTP_11 => !self.close,
@@ -120,20 +101,7 @@ impl Hop {
     }
 }
 
-/// [`HOP_BY_HOP`]'s names, for lines read before any `HeaderName` is built of them.
-const HOP_NAMES: [&[u8]; 9] = [
-    b"connection",
-    b"keep-alive",
-    b"proxy-connection",
-    b"te",
-    b"trailer",
-    b"transfer-encoding",
-    b"upgrade",
-    b"proxy-authenticate",
-    b"proxy-authorization",
-];
-
-/// Where a header name, in any case, is in [`HOP_BY_HOP`]. Every line of every response
+/// Where a header name, in any case, is in [`HOP_BY_HOP`]. Every line of every message
 /// asks: most names have a length no hop-by-hop name has, and are ruled out by it.
 pub fn position(name: &[u8]) -> Option<usize> {
     let candidates: &[usize] = match name.len() {
@@ -149,7 +117,7 @@ pub fn position(name: &[u8]) -> Option<usize> {
     candidates
         .iter()
         .copied()
-        .find(|&i| HOP_NAMES[i].eq_ignore_ascii_case(name))
+        .find(|&i| HOP_BY_HOP[i].eq_ignore_ascii_case(name))
 }
 
 /// A value that is not visible ASCII names no token and no parameter.
@@ -165,29 +133,16 @@ fn text(value: &[u8]) -> &str {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
-    use http::HeaderValue;
-
-    /// A header map of `pairs`, in order.
-    pub(crate) fn map(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.append(
-                HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                HeaderValue::from_str(v).unwrap(),
-            );
-        }
-        h
-    }
 
     /// Notes every line of `head`; returns what was noted and the lines that stay.
-    fn noted(head: &HeaderMap) -> (Hop, HeaderMap) {
+    fn noted<'h>(head: &[(&'h str, &'h str)]) -> (Hop, Vec<&'h str>) {
         let mut hop = Hop::default();
-        let mut kept = HeaderMap::new();
+        let mut kept = Vec::new();
         for (name, value) in head {
-            if !hop.note(name.as_str().as_bytes(), value.as_bytes()) {
-                kept.append(name.clone(), value.clone());
+            if !hop.note(name.as_bytes(), value.as_bytes()) {
+                kept.push(*name);
             }
         }
         (hop, kept)
@@ -196,10 +151,9 @@ pub(crate) mod tests {
     #[test]
     fn every_hop_by_hop_name_is_found_in_any_case_and_no_other() {
         for (i, name) in HOP_BY_HOP.iter().enumerate() {
-            assert_eq!(HOP_NAMES[i], name.as_str().as_bytes());
-            let upper = name.as_str().to_ascii_uppercase();
-            assert_eq!(position(upper.as_bytes()), Some(i), "{upper}");
-            assert_eq!(position(name.as_str().as_bytes()), Some(i), "{name}");
+            let upper = name.to_ascii_uppercase();
+            assert_eq!(position(&upper), Some(i), "{upper:?}");
+            assert_eq!(position(name), Some(i), "{name:?}");
         }
         for other in ["date", "connections", "tE-", "keep_alive", "", "upgrades"] {
             assert_eq!(position(other.as_bytes()), None, "{other}");
@@ -208,8 +162,8 @@ pub(crate) mod tests {
 
     #[test]
     fn every_hop_by_hop_line_is_noted_and_the_rest_kept() {
-        let (hop, kept) = noted(&map(&[
-            ("connection", "close, X-Secret"),
+        let (hop, kept) = noted(&[
+            ("Connection", "close, X-Secret"),
             ("x-secret", "1"),
             ("keep-alive", "timeout=5"),
             ("proxy-connection", "keep-alive"),
@@ -218,15 +172,15 @@ pub(crate) mod tests {
             ("transfer-encoding", "chunked"),
             ("upgrade", "websocket"),
             ("proxy-authorization", "basic x"),
-            ("proxy-authenticate", "basic"),
+            ("Proxy-Authenticate", "basic"),
             ("x-kept", "yes"),
-        ]));
+        ]);
         assert!(hop.close && !hop.keep_alive);
         assert_eq!((hop.timeout, hop.max), (Some(5), None));
         assert_eq!(hop.listed, [HeaderName::from_static("x-secret")]);
-        // Listed names are the reader's to remove: they may come before `Connection`.
-        assert_eq!(kept.len(), 2, "{kept:?}");
-        assert_eq!(kept["x-kept"], "yes");
+        // Listed names are the reader's to leave out: they may come before `Connection`.
+        assert_eq!(kept, ["x-secret", "x-kept"]);
+        assert!(hop.lists(b"X-SECRET") && !hop.lists(b"x-kept"));
     }
 
     #[test]
@@ -238,27 +192,27 @@ pub(crate) mod tests {
             ("foo", (None, None)),
             ("timeout=5, timeout=x", (None, None)),
         ] {
-            let (hop, _) = noted(&map(&[("keep-alive", value)]));
+            let (hop, _) = noted(&[("keep-alive", value)]);
             assert_eq!((hop.timeout, hop.max), expected, "{value}");
         }
     }
 
     #[test]
-    fn noted_lines_and_the_map_agree_on_keep_alive() {
+    fn keep_alive_follows_the_version_and_the_connection_lines() {
         // Whether the connection stays open under HTTP/1.0, 1.1 and 2.
-        let heads = [
-            (map(&[]), [false, true, false]),
-            (map(&[("connection", "Close")]), [false, false, false]),
+        let heads: [(&[(&str, &str)], _); 5] = [
+            (&[], [false, true, false]),
+            (&[("connection", "Close")], [false, false, false]),
             (
-                map(&[("connection", "keep-alive"), ("keep-alive", "timeout=3")]),
+                &[("Connection", "keep-alive"), ("keep-alive", "timeout=3")],
                 [true, true, false],
             ),
             (
-                map(&[("connection", "keep-alive, close")]),
+                &[("connection", "keep-alive, close")],
                 [false, false, false],
             ),
             (
-                map(&[("connection", "upgrade"), ("connection", "keep-alive")]),
+                &[("connection", "upgrade"), ("connection", "Keep-Alive")],
                 [true, true, false],
             ),
         ];
@@ -267,32 +221,7 @@ pub(crate) mod tests {
             for (version, expected) in versions.into_iter().zip(*expected) {
                 let (hop, _) = noted(head);
                 assert_eq!(hop.keeps_alive(version), expected, "{version:?} {head:?}");
-                assert_eq!(
-                    wants_keep_alive(version, head),
-                    expected,
-                    "{version:?} {head:?}"
-                );
             }
         }
-        let listed = Hop::of_connection(&map(&[("connection", "upgrade, X-Secret, close")]));
-        assert_eq!(
-            listed.listed,
-            [header::UPGRADE, HeaderName::from_static("x-secret")]
-        );
-        assert!(listed.close);
-    }
-
-    #[test]
-    fn keep_alive_intent_follows_version_rules() {
-        assert!(wants_keep_alive(Version::HTTP_11, &HeaderMap::new()));
-        assert!(!wants_keep_alive(
-            Version::HTTP_11,
-            &map(&[("connection", "Close")])
-        ));
-        assert!(!wants_keep_alive(Version::HTTP_10, &HeaderMap::new()));
-        assert!(wants_keep_alive(
-            Version::HTTP_10,
-            &map(&[("connection", "keep-alive")])
-        ));
     }
 }

@@ -15,7 +15,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::downstream::Incoming;
+use crate::downstream::{Incoming, Lines};
+use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
 
@@ -102,6 +103,7 @@ impl Proxy {
     pub async fn handle(
         &self,
         req: Request<Incoming>,
+        lines: Lines,
         client: Client,
     ) -> Result<Response<ResponseBody>, Abort> {
         let start = crate::clock::now();
@@ -118,8 +120,9 @@ impl Proxy {
                 req.version(),
             ))),
             http_user_agent: logged
-                .then(|| req.headers().get(header::USER_AGENT).cloned())
-                .flatten(),
+                .then(|| lines.user_agent.clone())
+                .flatten()
+                .and_then(|ua| HeaderValue::from_maybe_shared(ua).ok()),
             ..Entry::default()
         };
 
@@ -127,8 +130,8 @@ impl Proxy {
             entry.response_details = "conflicting_content_length_and_transfer_encoding".into();
             return Ok(self.local(StatusCode::BAD_REQUEST, None, entry, start, vec![]));
         }
-        let host = request_host(&req);
-        let host_text = host.as_ref().and_then(|h| h.to_str().ok());
+        let host = request_host(&req, &lines);
+        let host_text = host.as_deref().and_then(|h| std::str::from_utf8(h).ok());
         let Some(target) = self.router.find(host_text, req.uri().path()) else {
             entry.flag("NR");
             entry.response_details = "route_not_found".into();
@@ -137,19 +140,18 @@ impl Proxy {
         let group = self.groups[target.group].clone();
         entry.upstream = Some(group.name.clone());
 
-        let (mut parts, incoming) = req.into_parts();
+        let (parts, incoming) = req.into_parts();
         let fwd = headers::Forwarded {
             client_ip: client.addr.ip(),
-            host: host.as_ref(),
-            host_from_target: parts.uri.authority().is_some(),
+            host,
         };
-        let (request_id, added) =
-            headers::to_upstream(&mut parts.headers, &fwd, group.reuse(), logged);
+        let (request_id, added) = headers::to_upstream(&lines, fwd, group.reuse(), logged);
         entry.request_id = request_id;
         let head = Head {
             method: parts.method,
             uri: origin_form(&parts.uri),
-            headers: parts.headers,
+            idempotency_key: lines.idempotency_key,
+            fields: lines.fields,
             added,
         };
 
@@ -345,10 +347,10 @@ impl OnEnd for Finish {
 
 /// The host the client asked for (port included), from an absolute-form target or the Host
 /// header; the target wins, as RFC 9112 §3.2.2 requires of a proxy.
-fn request_host<B>(req: &Request<B>) -> Option<HeaderValue> {
+fn request_host<B>(req: &Request<B>, lines: &Lines) -> Option<Bytes> {
     match req.uri().authority() {
-        Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
-        None => req.headers().get(header::HOST).cloned(),
+        Some(authority) => Some(Bytes::copy_from_slice(authority.as_str().as_bytes())),
+        None => lines.host.clone(),
     }
 }
 

@@ -8,7 +8,7 @@
 //! policy's, in Envoy's terms, bounded by `attempts`, the budget and backoff; a request that
 //! is not idempotent is never retried by policy unless the route says so (RFC 9110 §9.2.2).
 
-use http::{HeaderMap, Method};
+use http::Method;
 
 use crate::config::{OnUnretryable, RetryPolicy};
 use crate::error::Failure;
@@ -98,8 +98,9 @@ pub enum Decision {
     CloseClient,
 }
 
-/// Methods RFC 9110 §9.2.2 defines as idempotent.
-pub fn is_idempotent(method: &Method, headers: &HeaderMap) -> bool {
+/// Methods RFC 9110 §9.2.2 defines as idempotent, and any request whose client sent an
+/// `Idempotency-Key` for the server to recognise it by.
+pub fn is_idempotent(method: &Method, idempotency_key: bool) -> bool {
     matches!(
         method,
         &Method::GET
@@ -108,7 +109,7 @@ pub fn is_idempotent(method: &Method, headers: &HeaderMap) -> bool {
             | &Method::TRACE
             | &Method::PUT
             | &Method::DELETE
-    ) || headers.contains_key("idempotency-key")
+    ) || idempotency_key
 }
 
 pub fn decide(

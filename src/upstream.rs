@@ -23,7 +23,6 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Response, Uri};
 use hyper::body::{Frame, SizeHint};
 use tokio::net::TcpStream;
@@ -34,6 +33,7 @@ use crate::hop::Hop;
 use crate::proxy::body::{BodyError, RequestBody};
 use crate::wire::fields::Fields;
 use decode::{Framing, Step};
+pub use encode::AddedLines;
 use encode::Sending;
 pub use idle::Peek;
 use idle::Watch;
@@ -233,21 +233,21 @@ impl UpstreamConn {
         self.sending.is_some() || !self.out.is_empty()
     }
 
-    /// Queues a request, whose head is `headers` and then the lines of `added`;
+    /// Queues a request, whose head carries the lines of `fields` and then those of `added`;
     /// [`UpstreamConn::poll_response`] sends it.
     pub fn start(
         &mut self,
         method: &Method,
         uri: &Uri,
-        headers: &HeaderMap,
-        added: &[(HeaderName, HeaderValue)],
+        fields: &Fields,
+        added: &dyn AddedLines,
         body: RequestBody,
     ) {
         debug_assert!(matches!(self.reading, Reading::Idle));
         self.sending = encode::request(
             method,
             uri,
-            headers,
+            fields,
             added,
             body,
             &mut self.heads,
@@ -354,7 +354,7 @@ impl UpstreamConn {
         headers: &HeaderMap,
         body: RequestBody,
     ) -> Result<(Response<Fields>, Bytes), ConnError> {
-        self.start(method, uri, headers, &[], body);
+        self.start(method, uri, &Fields::default(), headers, body);
         let (response, _) = std::future::poll_fn(|cx| self.poll_response(cx)).await?;
         let mut body = BytesMut::new();
         while let Some(frame) = std::future::poll_fn(|cx| self.poll_frame(cx)).await {

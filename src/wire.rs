@@ -94,6 +94,24 @@ pub fn put_length(buf: &mut BytesMut, n: u64) {
     );
 }
 
+/// The length a `Content-Length` value gives, with `seen`, the length of the message's lines
+/// before it: lines and comma-separated lists alike must all give the same number. `None`
+/// when they do not, or when a value is no number: the message cannot be delimited.
+pub fn content_length(value: &[u8], seen: Option<u64>) -> Option<u64> {
+    let mut length = seen;
+    for part in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+        if part.is_empty() || !part.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        let n: u64 = std::str::from_utf8(part).ok()?.parse().ok()?;
+        if length.is_some_and(|l| l != n) {
+            return None;
+        }
+        length = Some(n);
+    }
+    length
+}
+
 /// Whether a header's name, as sent, is `known`, given in lower case.
 pub fn name_is(name: &[u8], known: &[u8]) -> bool {
     // The lengths differ for most pairs, and comparing them first is cheapest.
@@ -103,6 +121,18 @@ pub fn name_is(name: &[u8], known: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_content_length_is_one_number_however_often_it_is_given() {
+        assert_eq!(content_length(b"5", None), Some(5));
+        assert_eq!(content_length(b"5, 5 ,5", None), Some(5));
+        assert_eq!(content_length(b"5", Some(5)), Some(5));
+        for bad in [&b"5, 6"[..], b"", b"5,", b"-5", b"+5", b"0x5", b"5 5"] {
+            assert_eq!(content_length(bad, None), None, "{bad:?}");
+        }
+        assert_eq!(content_length(b"5", Some(6)), None);
+        assert_eq!(content_length(b"99999999999999999999", None), None);
+    }
 
     #[test]
     fn a_small_head_leaves_its_room_and_a_large_one_takes_it() {

@@ -17,6 +17,7 @@ use tokio::io::AsyncWrite;
 use super::head::{self, Framing, Refused};
 use super::incoming::{Demand, Incoming, Slot};
 use super::io::ClientSide;
+use super::lines::Lines;
 use super::observed::Observed;
 use super::response::{self, Asked};
 use crate::proxy::Abort;
@@ -77,6 +78,8 @@ struct Wire {
     io: Observed<ClientSide>,
     buf: BytesMut,
     spans: Vec<head::Spans>,
+    /// Room for the header lines each request forwards, kept as `heads` is.
+    lines: BytesMut,
     out: VecDeque<Bytes>,
     /// Room for response heads: each is split off it, and once written and dropped its room
     /// serves the next one, so that a head costs no allocation.
@@ -128,13 +131,14 @@ pub(super) struct Conn<F> {
     outcome: Option<Result<(), Error>>,
 }
 
-impl<F: FnMut(Request<Incoming>) -> Handling + Unpin> Conn<F> {
+impl<F: FnMut(Request<Incoming>, Lines) -> Handling + Unpin> Conn<F> {
     pub(super) fn new(io: Observed<ClientSide>, limit: usize, hint: Bytes, service: F) -> Conn<F> {
         Conn {
             wire: Wire {
                 io,
                 buf: BytesMut::new(),
                 spans: Vec::new(),
+                lines: BytesMut::new(),
                 out: VecDeque::new(),
                 heads: BytesMut::new(),
                 reading: None,
@@ -193,7 +197,7 @@ impl<F: FnMut(Request<Incoming>) -> Handling + Unpin> Conn<F> {
         };
         let head = parsed.request.method() == Method::HEAD;
         let version = parsed.request.version();
-        let fut = (self.service)(parsed.request.map(|()| body));
+        let fut = (self.service)(parsed.request.map(|()| body), parsed.lines);
         self.state = State::Handling { fut, head, version };
     }
 
@@ -229,7 +233,7 @@ impl<F: FnMut(Request<Incoming>) -> Handling + Unpin> Conn<F> {
     }
 }
 
-impl<F: FnMut(Request<Incoming>) -> Handling + Unpin> Future for Conn<F> {
+impl<F: FnMut(Request<Incoming>, Lines) -> Handling + Unpin> Future for Conn<F> {
     type Output = Result<(), Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
@@ -238,7 +242,7 @@ impl<F: FnMut(Request<Incoming>) -> Handling + Unpin> Future for Conn<F> {
             match &mut this.state {
                 State::Head => {
                     let wire = &mut this.wire;
-                    match head::parse(&mut wire.buf, wire.limit, &mut wire.spans) {
+                    match head::parse(&mut wire.buf, wire.limit, &mut wire.spans, &mut wire.lines) {
                         Ok(Some(parsed)) => {
                             this.start(parsed);
                             continue;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use http::{HeaderMap, Method, Response, Uri};
+use http::{Method, Response, Uri};
 
 use super::Client;
 use super::body::RequestBody;
@@ -34,7 +34,7 @@ pub(super) async fn exchange(
     retries: &mut Vec<Cause>,
 ) -> Result<(Response<Fields>, Hop, Lease, Instant), (Failure, Decision)> {
     let replay = body.replay();
-    let idempotent = retry::is_idempotent(&head.method, &head.headers);
+    let idempotent = retry::is_idempotent(&head.method, head.idempotency_key);
     let mut facts = Facts {
         idempotent,
         replayable: replay.is_some(),
@@ -216,9 +216,12 @@ pub(super) async fn exchange(
 pub(super) struct Head {
     pub(super) method: Method,
     pub(super) uri: Uri,
-    pub(super) headers: HeaderMap,
-    /// Lines written after `headers` (see [`super::headers::Added`]).
+    /// The client's lines that go upstream as it wrote them.
+    pub(super) fields: Fields,
+    /// Lines written after `fields`.
     pub(super) added: super::headers::Added,
+    /// The client sent an `Idempotency-Key`.
+    pub(super) idempotency_key: bool,
 }
 
 /// Waits before a policy retry: full jitter below `base * 2^(n-1)`, capped at `max`, so
@@ -254,7 +257,7 @@ async fn send(
         return Err((Failure::NotSent { reused }, Some(body)));
     }
     let mark = conn.mark();
-    conn.start(&head.method, &head.uri, &head.headers, &head.added, body);
+    conn.start(&head.method, &head.uri, &head.fields, &head.added, body);
     let try_deadline = per_try.map(|t| sent_at + t);
     // The quiet limit that applies now: the sending's while some of the request is still
     // going out, the reading's after. Set anew at each wait, so the timer follows the

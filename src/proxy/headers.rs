@@ -1,160 +1,95 @@
 //! Header rules on a request's way upstream: hop-by-hop removal, Host, X-Forwarded-*,
-//! X-Request-Id. A response's hop-by-hop lines never reach its map ([`crate::hop::Hop`]).
+//! X-Request-Id. The client's lines kaguard passes on were picked out as its head was read
+//! ([`crate::downstream::Lines`]); what they gain is here, written after them. A response's
+//! hop-by-hop lines are left out as its head is read ([`crate::hop::Hop`]).
 
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
+use http::header::HeaderValue;
 
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-
-use crate::hop::{CONNECTION, HOP_BY_HOP, Hop};
-
-pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-
-/// Which of the headers kaguard removes or rewrites a message carries, found in one pass
-/// comparing names (an integer compare for standard names). Most messages carry none of
-/// them, or only `Connection`, and a hashed lookup of each would cost more than the rest of
-/// the header work.
-#[derive(Default)]
-struct Seen {
-    hop_by_hop: [bool; 9],
-    expect: bool,
-    forwarded_for: bool,
-    forwarded_proto: bool,
-    forwarded_host: bool,
-    request_id: bool,
-    /// Host lines: one is left as it is; none or several are replaced by the routed host.
-    hosts: usize,
-}
-
-impl Seen {
-    fn scan(headers: &HeaderMap) -> Seen {
-        let mut seen = Seen::default();
-        // Every line, not every name: a repeated Host counts.
-        for name in headers.iter().map(|(name, _)| name) {
-            if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
-                seen.hop_by_hop[i] = true;
-            } else if name == header::HOST {
-                seen.hosts += 1;
-            } else if name == header::EXPECT {
-                seen.expect = true;
-            } else if name == X_FORWARDED_FOR {
-                seen.forwarded_for = true;
-            } else if name == X_FORWARDED_PROTO {
-                seen.forwarded_proto = true;
-            } else if name == X_FORWARDED_HOST {
-                seen.forwarded_host = true;
-            } else if name == X_REQUEST_ID {
-                seen.request_id = true;
-            }
-        }
-        seen
-    }
-}
-
-fn remove_seen_hop_by_hop(headers: &mut HeaderMap, seen: &Seen) {
-    if seen.hop_by_hop[CONNECTION] {
-        for name in Hop::of_connection(headers).listed {
-            headers.remove(name);
-        }
-    }
-    for (name, _) in HOP_BY_HOP
-        .iter()
-        .zip(seen.hop_by_hop)
-        .filter(|(_, there)| *there)
-    {
-        headers.remove(name);
-    }
-}
+use crate::downstream::Lines;
+use crate::upstream::AddedLines;
+use crate::wire::put_line;
 
 /// What the request side needs to know about the client.
-pub struct Forwarded<'a> {
+pub struct Forwarded {
     pub client_ip: IpAddr,
-    /// The Host the client asked for (from `Host` or an absolute-form target).
-    pub host: Option<&'a HeaderValue>,
-    /// `host` came from an absolute-form target, and replaces whatever Host the client sent
-    /// (RFC 9112 §3.2.2).
-    pub host_from_target: bool,
+    /// The host the client asked for (from `Host` or an absolute-form target).
+    pub host: Option<Bytes>,
 }
 
-/// Header lines a request gains on its way upstream, written after the client's own by the
-/// encoder: inserted into the client's map, each would cost a hashed lookup and could grow
-/// the map, on every request.
-pub type Added = Vec<(HeaderName, HeaderValue)>;
+/// The lines a request gains on its way upstream, after the client's own: what kaguard says
+/// of the client replaces what the client said of itself.
+pub struct Added {
+    /// A Host line of the routed host, where the client's own is not forwarded.
+    host_line: bool,
+    /// The routed host, also sent as `X-Forwarded-Host`.
+    host: Option<Bytes>,
+    /// The client's `X-Forwarded-For` values, which the client's address follows.
+    forwarded_for: Option<Bytes>,
+    client_ip: IpAddr,
+    /// `Connection: close`: the group does not reuse upstream connections.
+    close: bool,
+    /// An id made for a request that came without one.
+    request_id: Option<[u8; 32]>,
+}
 
-/// Room for every line a request may gain: X-Forwarded-For, -Proto and -Host, X-Request-Id
-/// when the client sent none, and `Connection: close`.
-const ADDED: usize = 5;
+impl AddedLines for Added {
+    fn put(&self, head: &mut BytesMut) {
+        if let (true, Some(host)) = (self.host_line, &self.host) {
+            put_line(head, b"host", host);
+        }
+        // Every X-Forwarded-For value the client sent, in order, then the client itself.
+        head.put_slice(b"x-forwarded-for: ");
+        if let Some(before) = &self.forwarded_for {
+            head.put_slice(before);
+            head.put_slice(b", ");
+        }
+        push_ip(head, self.client_ip);
+        head.put_slice(b"\r\n");
+        put_line(head, b"x-forwarded-proto", b"http");
+        if let Some(host) = &self.host {
+            put_line(head, b"x-forwarded-host", host);
+        }
+        if self.close {
+            put_line(head, b"connection", b"close");
+        }
+        if let Some(id) = &self.request_id {
+            put_line(head, b"x-request-id", id);
+        }
+    }
+}
 
-/// Turns a client's request headers into the upstream's: the map loses what must not go on,
-/// and the lines it gains are returned, with the request id if `keep_id` (the access log
-/// alone shows it; a copy of a new id costs an allocation).
+/// What a client's request gains on its way upstream, with its request id if `keep_id` (the
+/// access log alone shows it; a copy of a new id costs an allocation).
 pub fn to_upstream(
-    headers: &mut HeaderMap,
-    fwd: &Forwarded<'_>,
+    lines: &Lines,
+    fwd: Forwarded,
     reuse: bool,
     keep_id: bool,
 ) -> (Option<HeaderValue>, Added) {
-    let seen = Seen::scan(headers);
-    remove_seen_hop_by_hop(headers, &seen);
-    let mut added = Added::with_capacity(ADDED);
-    // kaguard answers `Expect: 100-continue` itself (the client connection sends the 100 when
-    // the body is first read), so the upstream never waits for a continue nobody relays.
-    if seen.expect {
-        headers.remove(header::EXPECT);
-    }
-
-    // Every X-Forwarded-For line the client sent, in order, then the client itself.
-    let mut xff = String::with_capacity(64);
-    if seen.forwarded_for {
-        for prev in headers
-            .get_all(X_FORWARDED_FOR)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-        {
-            xff.push_str(prev);
-            xff.push_str(", ");
-        }
-        headers.remove(X_FORWARDED_FOR);
-    }
-    push_ip(&mut xff, fwd.client_ip);
-    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(xff)) {
-        added.push((X_FORWARDED_FOR, v));
-    }
-    // What kaguard says replaces what the client said of itself.
-    if seen.forwarded_proto {
-        headers.remove(X_FORWARDED_PROTO);
-    }
-    added.push((X_FORWARDED_PROTO, HeaderValue::from_static("http")));
-    if let Some(host) = fwd.host {
-        // The client's own single Host line is the routed host already, unless `Connection`
-        // listed it and it was removed with the hop-by-hop headers.
-        if fwd.host_from_target || seen.hosts != 1 || seen.hop_by_hop[CONNECTION] {
-            headers.insert(header::HOST, host.clone());
-        }
-        if seen.forwarded_host {
-            headers.remove(X_FORWARDED_HOST);
-        }
-        added.push((X_FORWARDED_HOST, host.clone()));
-    }
-    if !reuse {
-        added.push((header::CONNECTION, HeaderValue::from_static("close")));
-    }
-    let id = match seen.request_id.then(|| headers.get(X_REQUEST_ID)).flatten() {
-        Some(id) if !id.is_empty() => keep_id.then(|| id.clone()),
-        _ => {
-            if seen.request_id {
-                headers.remove(X_REQUEST_ID);
-            }
+    let (id, request_id) = match &lines.request_id {
+        Some(id) => (
+            keep_id
+                .then(|| HeaderValue::from_maybe_shared(id.clone()).ok())
+                .flatten(),
+            None,
+        ),
+        None => {
             let id = new_request_id();
-            let kept = keep_id.then(|| id.clone());
-            added.push((X_REQUEST_ID, id));
-            kept
+            let kept = keep_id.then(|| HeaderValue::from_bytes(&id).expect("hex is a valid value"));
+            (kept, Some(id))
         }
+    };
+    let added = Added {
+        host_line: !lines.host_forwarded,
+        host: fwd.host,
+        forwarded_for: lines.forwarded_for.clone(),
+        client_ip: fwd.client_ip,
+        close: !reuse,
+        request_id,
     };
     (id, added)
 }
@@ -162,35 +97,35 @@ pub fn to_upstream(
 /// Appends `ip` as text. IPv4, nearly every client, is written digit by digit: `Display` for
 /// an address goes through the formatting machinery and costs as much as the rest of the
 /// request's header work.
-fn push_ip(out: &mut String, ip: IpAddr) {
+fn push_ip(out: &mut BytesMut, ip: IpAddr) {
     let IpAddr::V4(v4) = ip else {
-        // Writing to a String cannot fail.
+        // Writing to a BytesMut cannot fail.
         let _ = write!(out, "{ip}");
         return;
     };
     for (i, octet) in v4.octets().into_iter().enumerate() {
         if i > 0 {
-            out.push('.');
+            out.put_u8(b'.');
         }
         if octet >= 100 {
-            out.push(char::from(b'0' + octet / 100));
+            out.put_u8(b'0' + octet / 100);
         }
         if octet >= 10 {
-            out.push(char::from(b'0' + octet / 10 % 10));
+            out.put_u8(b'0' + octet / 10 % 10);
         }
-        out.push(char::from(b'0' + octet % 10));
+        out.put_u8(b'0' + octet % 10);
     }
 }
 
 /// A random 128-bit id in hex, like nginx's `$request_id`.
-fn new_request_id() -> HeaderValue {
+fn new_request_id() -> [u8; 32] {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let bits = fastrand::u128(..);
     let mut id = [0u8; 32];
     for (i, digit) in id.iter_mut().enumerate() {
         *digit = HEX[((bits >> (124 - 4 * i)) & 0xf) as usize];
     }
-    HeaderValue::from_bytes(&id).expect("hex is a valid header value")
+    id
 }
 
 #[cfg(test)]
@@ -200,113 +135,97 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::hop::tests::map;
 
     proptest! {
         #[test]
         fn ip_text_is_what_display_writes(bits in any::<u32>(), v6 in any::<u128>()) {
             for ip in [IpAddr::V4(Ipv4Addr::from(bits)), IpAddr::V6(v6.into())] {
-                let mut text = String::from("x, ");
+                let mut text = BytesMut::from("x, ");
                 push_ip(&mut text, ip);
-                prop_assert_eq!(text, format!("x, {ip}"));
+                let display = format!("x, {ip}");
+                prop_assert_eq!(&text[..], display.as_bytes());
             }
         }
     }
 
-    /// A client on 127.0.0.1 that asked for `host` in its Host line.
-    fn from_localhost(host: Option<&HeaderValue>) -> Forwarded<'_> {
+    /// A client on 127.0.0.1 that asked for `host`.
+    fn from_localhost(host: Option<&'static str>) -> Forwarded {
         Forwarded {
             client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
-            host,
-            host_from_target: false,
+            host: host.map(|h| Bytes::from_static(h.as_bytes())),
         }
     }
 
-    /// What the upstream is sent: the client's map as `to_upstream` leaves it, then the lines
-    /// it adds. Returns the request id.
-    fn sent(h: &mut HeaderMap, fwd: &Forwarded<'_>, reuse: bool) -> HeaderValue {
-        let (id, added) = to_upstream(h, fwd, reuse, true);
-        for (name, value) in added {
-            h.append(name, value);
-        }
-        id.expect("kept when asked for")
+    /// The lines the upstream gets after the client's own, and the request id kept.
+    fn added(lines: &Lines, fwd: Forwarded, reuse: bool) -> (String, Option<HeaderValue>) {
+        let (id, added) = to_upstream(lines, fwd, reuse, true);
+        let mut head = BytesMut::new();
+        added.put(&mut head);
+        (String::from_utf8(head.to_vec()).unwrap(), id)
     }
 
     #[test]
-    fn what_the_client_says_of_itself_is_replaced_not_passed_on() {
-        let mut h = map(&[
-            ("x-forwarded-proto", "https"),
-            ("x-forwarded-host", "evil.example"),
-            ("x-request-id", ""),
-        ]);
-        let host = HeaderValue::from_static("example.com");
-        let fwd = from_localhost(Some(&host));
-        let id = sent(&mut h, &fwd, true);
-        let all = |name| h.get_all(name).iter().collect::<Vec<_>>();
-        assert_eq!(all("x-forwarded-proto"), ["http"]);
-        assert_eq!(all("x-forwarded-host"), ["example.com"]);
-        assert_eq!(all("x-request-id"), [&id]);
-        assert_eq!(id.len(), 32);
+    fn kaguard_says_where_the_request_came_from() {
+        let lines = Lines {
+            host: Some(Bytes::from_static(b"example.com")),
+            host_forwarded: true,
+            forwarded_for: Some(Bytes::from_static(b"10.0.0.1, 10.0.0.2")),
+            request_id: Some(Bytes::from_static(b"abc")),
+            ..Lines::default()
+        };
+        let (text, id) = added(&lines, from_localhost(Some("example.com")), true);
+        assert_eq!(
+            text,
+            "x-forwarded-for: 10.0.0.1, 10.0.0.2, 127.0.0.1\r\n\
+             x-forwarded-proto: http\r\n\
+             x-forwarded-host: example.com\r\n"
+        );
+        assert_eq!(id.unwrap(), "abc");
     }
 
     #[test]
-    fn forwarded_headers_append_and_set() {
-        let mut h = map(&[
-            ("x-forwarded-for", "10.0.0.1"),
-            ("host", "example.com"),
-            ("x-request-id", "abc"),
-        ]);
-        let host = HeaderValue::from_static("example.com");
-        let fwd = from_localhost(Some(&host));
-        let id = sent(&mut h, &fwd, true);
-        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
-        assert_eq!(h["x-forwarded-proto"], "http");
-        assert_eq!(h["x-forwarded-host"], "example.com");
-        assert_eq!(h["host"], "example.com");
-        assert_eq!(id, "abc");
-        assert!(!h.contains_key("connection"));
-    }
-
-    #[test]
-    fn the_routed_host_replaces_several_host_lines_and_one_connection_removed() {
-        let routed = HeaderValue::from_static("a.example");
-        let fwd = from_localhost(Some(&routed));
-        for mut h in [
-            map(&[("host", "a.example"), ("host", "b.example")]),
-            map(&[("host", "a.example"), ("connection", "host")]),
-        ] {
-            sent(&mut h, &fwd, true);
-            let hosts: Vec<_> = h.get_all(header::HOST).iter().collect();
-            assert_eq!(hosts, [&routed], "{h:?}");
-        }
+    fn the_routed_host_is_written_where_the_clients_line_is_not_forwarded() {
+        let lines = Lines {
+            host: Some(Bytes::from_static(b"a.example")),
+            ..Lines::default()
+        };
+        let (text, _) = added(&lines, from_localhost(Some("b.example:8080")), true);
+        assert!(text.starts_with("host: b.example:8080\r\nx-forwarded-for: 127.0.0.1\r\n"));
+        assert!(text.contains("x-forwarded-host: b.example:8080\r\n"));
+        // No host at all (HTTP/1.0 without Host): none is made up.
+        let (text, _) = added(&Lines::default(), from_localhost(None), true);
+        assert!(!text.contains("host"), "{text}");
     }
 
     #[test]
     fn the_request_id_is_kept_only_when_asked_for_and_sent_either_way() {
         for keep in [true, false] {
-            let mut h = HeaderMap::new();
-            let (id, added) = to_upstream(&mut h, &from_localhost(None), true, keep);
+            let (id, added) = to_upstream(&Lines::default(), from_localhost(None), true, keep);
             assert_eq!(id.is_some(), keep);
-            let sent = added
-                .iter()
-                .find(|(n, _)| n == X_REQUEST_ID)
-                .map(|(_, v)| v);
-            assert_eq!(sent.map(HeaderValue::len), Some(32));
-            let mut h = map(&[("x-request-id", "from-client")]);
-            let (id, added) = to_upstream(&mut h, &from_localhost(None), true, keep);
+            let sent = added.request_id.expect("a new id is sent");
+            assert!(sent.iter().all(u8::is_ascii_hexdigit));
+            if let Some(id) = id {
+                assert_eq!(id.as_bytes(), sent);
+            }
+            let lines = Lines {
+                request_id: Some(Bytes::from_static(b"from-client")),
+                ..Lines::default()
+            };
+            let (id, added) = to_upstream(&lines, from_localhost(None), true, keep);
             assert_eq!(id.map(|id| id == "from-client"), keep.then_some(true));
-            assert_eq!(h["x-request-id"], "from-client");
-            assert!(added.iter().all(|(n, _)| n != X_REQUEST_ID));
+            assert!(
+                added.request_id.is_none(),
+                "the client's goes with its lines"
+            );
         }
     }
 
     #[test]
-    fn request_id_is_generated_and_no_reuse_says_close() {
-        let mut h = HeaderMap::new();
-        let fwd = from_localhost(None);
-        let id = sent(&mut h, &fwd, false);
+    fn a_new_request_id_is_written_and_no_reuse_says_close() {
+        let (text, id) = added(&Lines::default(), from_localhost(None), false);
+        let id = id.unwrap();
         assert_eq!(id.len(), 32);
-        assert_eq!(h["x-request-id"], id);
-        assert_eq!(h["connection"], "close");
+        assert!(text.contains("connection: close\r\n"), "{text}");
+        assert!(text.ends_with(&format!("x-request-id: {}\r\n", id.to_str().unwrap())));
     }
 }

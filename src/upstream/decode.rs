@@ -82,34 +82,19 @@ pub(super) fn head(
             None => lines.length,
         };
         let mut fields = fields::Builder::new(room);
-        // Lines forwarded one after the other, and only CRLF between them, go as one run.
-        let mut run: Option<(usize, usize)> = None;
-        for (i, (name, value)) in spans.iter().enumerate() {
-            let name_text = &buf[name.0..name.1];
+        let mut date = false;
+        fields.push_kept(buf, spans, |i, name| {
             // Listed names are looked for once every line is read: they may come before
             // the `Connection` line that lists them.
             // Content-Length is the client's head's to write, from the length noted: once,
             // where the upstream may have sent a list or repeated lines.
-            let forwarded = hop_lines & (1 << i) == 0
-                && !is(name_text, CONTENT_LENGTH)
-                && !hop.lists(name_text);
-            run = match run {
-                Some((start, end)) if forwarded && &buf[end..name.0] == b"\r\n" => {
-                    Some((start, value.1))
-                }
-                _ => {
-                    if let Some((start, end)) = run {
-                        fields.push(&buf[start..end]);
-                    }
-                    forwarded.then_some((name.0, value.1))
-                }
-            };
-            if forwarded && is(name_text, DATE) {
-                fields.date();
-            }
-        }
-        if let Some((start, end)) = run {
-            fields.push(&buf[start..end]);
+            let forwarded =
+                hop_lines & (1 << i) == 0 && !is(name, CONTENT_LENGTH) && !hop.lists(name);
+            date |= forwarded && is(name, DATE);
+            forwarded
+        });
+        if date {
+            fields.date();
         }
         // Even a `Content-Length` that `Connection` lists, and that is not forwarded, is the
         // length of the body the client gets, which its head must give.
@@ -135,8 +120,7 @@ const CONTENT_LENGTH: &[u8] = b"content-length";
 const TRANSFER_ENCODING: &[u8] = b"transfer-encoding";
 const DATE: &[u8] = b"date";
 
-/// Where a header's name and value lie in the buffer.
-pub(super) type Spans = ((usize, usize), (usize, usize));
+pub(super) use crate::wire::fields::Spans;
 
 /// Header slots tried first: a response rarely carries more, and filling the slots is a
 /// cost of every parse.
@@ -205,19 +189,8 @@ struct Lines {
 impl Lines {
     fn note(&mut self, name: &[u8], value: &[u8]) -> Result<(), Invalid> {
         if is(name, CONTENT_LENGTH) {
-            // Lines and comma-separated lists alike must all be the same number; a response
-            // that disagrees with itself is refused.
-            let text = std::str::from_utf8(value).map_err(|_| Invalid)?;
-            for part in text.split(',').map(str::trim) {
-                if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
-                    return Err(Invalid);
-                }
-                let n: u64 = part.parse().map_err(|_| Invalid)?;
-                if self.length.is_some_and(|l| l != n) {
-                    return Err(Invalid);
-                }
-                self.length = Some(n);
-            }
+            // A response that disagrees with itself is refused.
+            self.length = Some(crate::wire::content_length(value, self.length).ok_or(Invalid)?);
         } else if is(name, TRANSFER_ENCODING) {
             // The last line's last coding is the final one.
             let last = std::str::from_utf8(value)

@@ -190,8 +190,8 @@ async fn a_request_body_cut_short_leaves_the_connection_unfit_for_reuse() {
         conn.start(
             &Method::POST,
             &Uri::from_static("/"),
+            &Fields::default(),
             &HeaderMap::new(),
-            &[],
             body,
         );
         // The head and the 10 bytes go out; the body waits for more from the client.

@@ -1,9 +1,14 @@
-//! A response's end-to-end header lines, carried from the upstream's head to the client's as
-//! they were written: the proxy acts on none of them but `Content-Length` and `Date`, whose
-//! facts are kept here. Building a header map of every line, only to write each one out
-//! again, cost more than reading the head.
+//! A message's end-to-end header lines, carried from the head they came in to the head that
+//! forwards them as they were written: a response's from the upstream to the client, a
+//! request's from the client to the upstream. The proxy acts on none of them but a few it
+//! notes as they are read (`Content-Length` and `Date` here). Building a header map of every
+//! line, only to write each one out again, cost more than reading the head.
 
 use bytes::{BufMut, Bytes, BytesMut};
+
+/// Where a header line's name and value lie in the buffer its head was parsed from:
+/// positions, not slices, so that a parser's findings outlive its borrow of the buffer.
+pub type Spans = ((usize, usize), (usize, usize));
 
 /// Header lines ready to be written, each `name: value\r\n` with the name in the case the
 /// sender gave it (nginx forwards names so too) and the space after the colon as it sent it.
@@ -71,6 +76,35 @@ impl<'r> Builder<'r> {
         self.room.reserve(lines.len() + 2);
         self.room.put_slice(lines);
         self.room.put_slice(b"\r\n");
+    }
+
+    /// Appends the lines of a parsed head that `forward(i, name)` keeps, line `i` of `spans`
+    /// lying in `head`. Lines kept one after the other, with only CRLF between them, go as
+    /// one run: copying a run whole costs less than copying each line.
+    pub fn push_kept(
+        &mut self,
+        head: &[u8],
+        spans: &[Spans],
+        mut forward: impl FnMut(usize, &[u8]) -> bool,
+    ) {
+        let mut run: Option<(usize, usize)> = None;
+        for (i, &(name, value)) in spans.iter().enumerate() {
+            let kept = forward(i, &head[name.0..name.1]);
+            run = match run {
+                Some((start, end)) if kept && &head[end..name.0] == b"\r\n" => {
+                    Some((start, value.1))
+                }
+                _ => {
+                    if let Some((start, end)) = run {
+                        self.push(&head[start..end]);
+                    }
+                    kept.then_some((name.0, value.1))
+                }
+            };
+        }
+        if let Some((start, end)) = run {
+            self.push(&head[start..end]);
+        }
     }
 
     /// Records the length to forward as `Content-Length`.
