@@ -141,6 +141,65 @@ async fn the_client_gets_one_content_length_whatever_the_upstream_did_with_its_o
     }
 }
 
+/// The lines kaguard passes on leave as the client wrote them, each ending in CRLF; those it
+/// acts on leave as kaguard writes them, once.
+#[tokio::test]
+async fn request_lines_go_upstream_as_written_and_framing_once() {
+    let (addr, _, heads) =
+        recording_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
+    let kg = start(config(&[addr])).await;
+    let sent = raw(
+        kg.addr,
+        b"POST /p HTTP/1.1\r\nHost: test\r\nX-Mixed-Case: A b\nContent-Length: 5, 5\r\n\
+          content-length: 5\r\nX-Request-Id:\r\nX-Trailing: v \t\r\nx-forwarded-host: evil\r\n\
+          Connection: close\r\n\r\nhello",
+    )
+    .await;
+    assert_eq!(status_of(&sent), Some(200), "{sent}");
+    let head = String::from_utf8(heads.lock().unwrap().pop().expect("a request")).unwrap();
+    assert!(
+        head.starts_with("POST /p HTTP/1.1\r\nHost: test\r\nX-Mixed-Case: A b\r\n"),
+        "{head}"
+    );
+    assert!(head.contains("\r\nX-Trailing: v\r\n"), "{head}");
+    assert_eq!(
+        head.matches('\n').count(),
+        head.matches("\r\n").count(),
+        "{head}"
+    );
+    let lines = |name: &str| {
+        head.lines()
+            .filter(|l| l.to_ascii_lowercase().starts_with(&format!("{name}:")))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(lines("content-length"), ["content-length: 5"]);
+    assert_eq!(lines("x-forwarded-host"), ["x-forwarded-host: test"]);
+    let ids = lines("x-request-id");
+    assert_eq!(ids.len(), 1, "{head}");
+    assert_eq!(ids[0].len(), "x-request-id: ".len() + 32, "{head}");
+    assert!(lines("connection").is_empty(), "{head}");
+}
+
+#[tokio::test]
+async fn a_request_without_one_host_line_is_refused_and_never_sent() {
+    let (addr, accepted, _) =
+        recording_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
+    let kg = start(config(&[addr])).await;
+    for (request, status) in [
+        (&b"GET / HTTP/1.1\r\n\r\n"[..], 400),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+        (
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+            501,
+        ),
+    ] {
+        let answer = raw(kg.addr, request).await;
+        assert_eq!(status_of(&answer), Some(status), "{answer}");
+    }
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 0);
+}
+
 #[tokio::test]
 async fn host_is_passed_through_and_copied_to_x_forwarded_host() {
     let up = upstream(Behaviour::default()).await;

@@ -61,7 +61,7 @@ pub(super) enum Error {
 
 fn refused_text(refused: &Refused) -> &'static str {
     match refused {
-        Refused::Invalid(why) => why,
+        Refused::Invalid(why) | Refused::Unsupported(why) => why,
         Refused::TooLarge => "request head too large",
     }
 }

@@ -24,6 +24,9 @@ pub(super) enum Refused {
     Invalid(&'static str),
     /// 431: longer than `max_header_size`, or too many lines.
     TooLarge,
+    /// 501: a transfer coding besides chunked, which kaguard would have to pass on undecoded
+    /// where it takes the chunked coding off and puts it back (nginx answers 501 too).
+    Unsupported(&'static str),
 }
 
 /// How a request body ends.
@@ -75,11 +78,22 @@ pub(super) fn parse(
         .map_err(|_| Refused::Invalid("invalid request target"))?;
     let absolute = uri.authority().is_some();
     let (lines, body) = lines::read(&bytes, spans, line.version, absolute, room)?;
+    // RFC 9112 §3.2: a server answers 400 to an HTTP/1.1 request without a Host line, and to
+    // any request with more than one.
+    if body.hosts > 1 {
+        return Err(Refused::Invalid("more than one host line"));
+    }
+    if body.hosts == 0 && line.version == Version::HTTP_11 {
+        return Err(Refused::Invalid("HTTP/1.1 request without host"));
+    }
     let (length, chunked) = (body.length, body.chunked);
     let framing = match chunked {
         // RFC 9112 §6.1: an HTTP/1.0 message with a transfer coding has faulty framing.
         Some(_) if line.version == Version::HTTP_10 => {
             return Err(Refused::Invalid("transfer coding in HTTP/1.0"));
+        }
+        Some(true) if body.codings > 1 => {
+            return Err(Refused::Unsupported("transfer coding other than chunked"));
         }
         Some(true) => Framing::Chunked(Chunked::Size),
         // RFC 9112 §6.3: a request whose final coding is not chunked cannot be delimited.
@@ -163,6 +177,9 @@ pub(super) fn refusal(refused: Refused) -> Bytes {
         Refused::TooLarge => {
             b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
         }
+        Refused::Unsupported(_) => {
+            b"HTTP/1.1 501 Not Implemented\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+        }
     })
 }
 
@@ -180,7 +197,7 @@ mod tests {
             lines in proptest::collection::vec(("[A-Za-z][A-Za-z0-9-]{0,12}", "[ -~]{0,20}"), 0..30),
             tail in proptest::collection::vec(any::<u8>(), 0..40),
         ) {
-            let mut raw = b"GET /p HTTP/1.1\r\n".to_vec();
+            let mut raw = b"GET /p HTTP/1.1\r\nHost: h\r\n".to_vec();
             for (name, value) in &lines {
                 raw.extend_from_slice(format!("{name}: {}\r\n", value.trim()).as_bytes());
             }
@@ -198,7 +215,7 @@ mod tests {
             prop_assume!(lines.iter().all(|(n, _)| crate::hop::position(n.as_bytes()).is_none()
                 && super::lines::name(n.as_bytes()).is_none()));
             let head = parsed.unwrap().unwrap();
-            prop_assert_eq!(head.lines.fields.iter().count(), lines.len());
+            prop_assert_eq!(head.lines.fields.iter().count(), lines.len() + 1);
             prop_assert_eq!(&buf[..], &tail[..]);
         }
     }
@@ -223,24 +240,51 @@ mod tests {
     }
 
     #[test]
+    fn a_request_needs_one_host_line_and_http10_none() {
+        assert!(parsed(b"GET / HTTP/1.0\r\n\r\n").unwrap().is_some());
+        for refused in [
+            &b"GET / HTTP/1.1\r\n\r\n"[..],
+            b"GET http://h/ HTTP/1.1\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\nhost: a\r\n\r\n",
+            b"GET / HTTP/1.0\r\nHost: a\r\nHost: b\r\n\r\n",
+        ] {
+            assert!(
+                matches!(parsed(refused), Err(Refused::Invalid(_))),
+                "{}",
+                String::from_utf8_lossy(refused)
+            );
+        }
+    }
+
+    #[test]
     fn a_partial_head_waits() {
         assert!(parsed(b"GET / HTTP/1.1\r\nHost: h\r\n").unwrap().is_none());
     }
 
     #[test]
     fn framing_follows_rfc_9112() {
-        let chunked = parsed(b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n");
-        assert_eq!(
-            chunked.unwrap().unwrap().framing,
-            Framing::Chunked(Chunked::Size)
-        );
-        let length = parsed(b"POST / HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\n");
+        for chunked in [
+            &b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: Chunked\r\n\r\n"[..],
+            b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: ,\r\nTransfer-Encoding:  chunked \r\n\r\n",
+        ] {
+            let head = parsed(chunked).unwrap().unwrap();
+            assert_eq!(head.framing, Framing::Chunked(Chunked::Size));
+        }
+        // Codings kaguard would take off and not put back, as nginx refuses them.
+        for other in [
+            &b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"[..],
+            b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked, chunked\r\n\r\n",
+        ] {
+            assert!(matches!(parsed(other), Err(Refused::Unsupported(_))));
+        }
+        let length = parsed(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5, 5\r\n\r\n");
         assert_eq!(length.unwrap().unwrap().framing, Framing::Length(5));
         for refused in [
-            &b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n"[..],
-            b"POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
-            b"POST / HTTP/1.1\r\nContent-Length: +3\r\n\r\n",
-            b"POST / HTTP/1.1\r\nContent-Length: \r\n\r\n",
+            &b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked, gzip\r\n\r\n"[..],
+            b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: +3\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: \r\n\r\n",
         ] {
             assert!(
                 matches!(parsed(refused), Err(Refused::Invalid(_))),
@@ -249,13 +293,15 @@ mod tests {
             );
         }
         let both =
-            parsed(b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n");
+            parsed(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n");
         assert!(both.unwrap().unwrap().conflict);
     }
 
     #[test]
     fn expect_continue_counts_only_in_http11() {
-        let h11 = parsed(b"POST / HTTP/1.1\r\nExpect: 100-Continue\r\nContent-Length: 1\r\n\r\n");
+        let h11 = parsed(
+            b"POST / HTTP/1.1\r\nHost: h\r\nExpect: 100-Continue\r\nContent-Length: 1\r\n\r\n",
+        );
         assert!(h11.unwrap().unwrap().expects_continue);
         let h10 = parsed(b"POST / HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n");
         assert!(!h10.unwrap().unwrap().expects_continue);
@@ -263,7 +309,7 @@ mod tests {
 
     #[test]
     fn many_headers_are_read_whatever_follows_the_head() {
-        let mut raw = b"POST / HTTP/1.1\r\nContent-Length: 40000\r\n".to_vec();
+        let mut raw = b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 40000\r\n".to_vec();
         for i in 0..30 {
             raw.extend_from_slice(format!("X-H{i}: v\r\n").as_bytes());
         }
@@ -273,7 +319,7 @@ mod tests {
         let head = parse(&mut buf, 32 * 1024, &mut Vec::new(), &mut BytesMut::new())
             .unwrap()
             .unwrap();
-        assert_eq!(head.lines.fields.iter().count(), 30);
+        assert_eq!(head.lines.fields.iter().count(), 31);
         assert_eq!(head.lines.fields.content_length(), Some(40_000));
         assert_eq!(buf.len(), 40_000);
     }
@@ -286,7 +332,7 @@ mod tests {
 
     #[test]
     fn a_head_past_the_limit_is_too_large() {
-        let mut raw = b"GET / HTTP/1.1\r\nX: ".to_vec();
+        let mut raw = b"GET / HTTP/1.1\r\nHost: h\r\nX: ".to_vec();
         raw.extend(std::iter::repeat_n(b'a', 9000));
         assert_eq!(parsed(&raw).unwrap_err(), Refused::TooLarge);
         raw.extend_from_slice(b"\r\n\r\n");

@@ -37,13 +37,17 @@ pub struct Lines {
     pub keep_alive: bool,
 }
 
-/// What a head's lines say about the body that follows it.
+/// What a head's lines say that decides whether it is taken, and how its body is read.
 #[derive(Debug, Default)]
-pub(super) struct BodyLines {
+pub(super) struct Noted {
     /// The length every `Content-Length` line gave.
     pub(super) length: Option<u64>,
     /// Transfer-Encoding was there; whether its final coding is chunked.
     pub(super) chunked: Option<bool>,
+    /// Transfer codings named, over every Transfer-Encoding line.
+    pub(super) codings: usize,
+    /// Host lines.
+    pub(super) hosts: u32,
     /// `Expect: 100-continue`.
     pub(super) expects_continue: bool,
 }
@@ -90,14 +94,14 @@ pub(super) fn read(
     version: Version,
     absolute_target: bool,
     room: &mut BytesMut,
-) -> Result<(Lines, BodyLines), Refused> {
+) -> Result<(Lines, Noted), Refused> {
     // Line i is bit i of each mask; a head has at most 128 lines (see `head::MAX_HEADERS`).
     let mut dropped: u128 = 0;
     let mut hosts: u128 = 0;
     let mut ids: u128 = 0;
     let mut hop = Hop::default();
     let mut lines = Lines::default();
-    let mut body = BodyLines::default();
+    let mut noted = Noted::default();
     let mut id_kept = None;
     let value = |&(_, value): &Spans| head.slice(value.0..value.1);
     for (i, span) in spans.iter().enumerate() {
@@ -109,19 +113,25 @@ pub(super) fn read(
         match name(n) {
             None => {}
             Some(Name::ContentLength) => {
-                body.length = crate::wire::content_length(v, body.length);
-                if body.length.is_none() {
+                noted.length = crate::wire::content_length(v, noted.length);
+                if noted.length.is_none() {
                     return Err(Refused::Invalid("invalid content-length"));
                 }
                 dropped |= bit;
             }
             Some(Name::TransferEncoding) => {
                 // The last line's last coding is the final one.
-                let last = v.rsplit(|&b| b == b',').next().map(<[u8]>::trim_ascii);
-                body.chunked = Some(last.is_some_and(|c| c.eq_ignore_ascii_case(b"chunked")));
+                let mut last = None;
+                for coding in v.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                    if !coding.is_empty() {
+                        noted.codings += 1;
+                        last = Some(coding);
+                    }
+                }
+                noted.chunked = Some(last.is_some_and(|c| c.eq_ignore_ascii_case(b"chunked")));
             }
             Some(Name::Expect) => {
-                body.expects_continue = v.eq_ignore_ascii_case(b"100-continue");
+                noted.expects_continue = v.eq_ignore_ascii_case(b"100-continue");
                 dropped |= bit;
             }
             Some(Name::Host) => {
@@ -163,7 +173,8 @@ pub(super) fn read(
     } else {
         lines.host_forwarded = true;
     }
-    lines.host_forwarded &= hosts.count_ones() == 1 && !absolute_target;
+    noted.hosts = hosts.count_ones();
+    lines.host_forwarded &= noted.hosts == 1 && !absolute_target;
     if !lines.host_forwarded {
         dropped |= hosts;
     }
@@ -176,11 +187,11 @@ pub(super) fn read(
     fields.push_kept(head, spans, |i, name| {
         dropped & (1 << i) == 0 && (hop.listed.is_empty() || !hop.lists(name))
     });
-    if let (Some(n), None) = (body.length, body.chunked) {
+    if let (Some(n), None) = (noted.length, noted.chunked) {
         fields.content_length(n);
     }
     lines.fields = fields.finish();
-    Ok((lines, body))
+    Ok((lines, noted))
 }
 
 #[cfg(test)]

@@ -278,6 +278,19 @@ pub fn ok(status: StatusCode) -> bool {
 /// upstream cannot produce: a body cut short, arbitrary response headers. Returns its address
 /// and the number of connections it accepted; it stops with the test's runtime.
 pub async fn scripted_upstream(response: &'static [u8]) -> (SocketAddr, std::sync::Arc<AtomicU64>) {
+    let (addr, accepted, _) = recording_upstream(response).await;
+    (addr, accepted)
+}
+
+/// The head of every request a [`recording_upstream`] read, in the order read.
+pub type Heads = std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>;
+
+/// A [`scripted_upstream`] that also keeps the bytes of each request head as they came.
+pub async fn recording_upstream(
+    response: &'static [u8],
+) -> (SocketAddr, std::sync::Arc<AtomicU64>, Heads) {
+    let heads = Heads::default();
+    let kept = heads.clone();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind scripted upstream");
@@ -287,6 +300,7 @@ pub async fn scripted_upstream(response: &'static [u8]) -> (SocketAddr, std::syn
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
             count.fetch_add(1, Ordering::SeqCst);
+            let kept = kept.clone();
             tokio::spawn(async move {
                 let mut head = Vec::new();
                 let mut buf = [0u8; 4096];
@@ -298,6 +312,8 @@ pub async fn scripted_upstream(response: &'static [u8]) -> (SocketAddr, std::syn
                         _ => return,
                     }
                 }
+                let end = head.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(0);
+                kept.lock().unwrap().push(head[..end + 4].to_vec());
                 let _ = stream.write_all(response).await;
                 let _ = stream.shutdown().await;
                 // Wait (bounded) for the peer to close, so nothing unread turns our close into RST.
@@ -305,7 +321,7 @@ pub async fn scripted_upstream(response: &'static [u8]) -> (SocketAddr, std::syn
             });
         }
     });
-    (addr, accepted)
+    (addr, accepted, heads)
 }
 
 /// A test upstream on its own runtime and threads, as a separate server process would be,

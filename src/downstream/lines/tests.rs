@@ -56,7 +56,7 @@ fn what_kaguard_acts_on_is_noted_and_not_passed_on() {
 fn the_clients_host_line_goes_as_is_only_when_it_is_the_routed_one() {
     for (raw, host_forwarded) in [
         ("GET / HTTP/1.1\r\nHost: a\r\n\r\n", true),
-        ("GET / HTTP/1.1\r\nhost: a\r\nHost: b\r\n\r\n", false),
+        ("GET / HTTP/1.0\r\nhost: a\r\n\r\n", true),
         (
             "GET / HTTP/1.1\r\nHost: a\r\nConnection: host\r\n\r\n",
             false,
@@ -73,10 +73,10 @@ fn the_clients_host_line_goes_as_is_only_when_it_is_the_routed_one() {
 
 #[test]
 fn a_request_id_is_the_first_and_goes_on_unless_it_is_empty() {
-    let l = lines("GET / HTTP/1.1\r\nX-Request-Id: a\r\nx-request-id: b\r\n\r\n");
+    let l = lines("GET / HTTP/1.0\r\nX-Request-Id: a\r\nx-request-id: b\r\n\r\n");
     assert_eq!(l.request_id.as_deref(), Some(&b"a"[..]));
     assert_eq!(forwarded(&l), "X-Request-Id: a\r\nx-request-id: b\r\n");
-    let l = lines("GET / HTTP/1.1\r\nX-Request-Id:\r\nX-Request-Id: b\r\n\r\n");
+    let l = lines("GET / HTTP/1.0\r\nX-Request-Id:\r\nX-Request-Id: b\r\n\r\n");
     assert_eq!(l.request_id, None);
     assert_eq!(forwarded(&l), "");
 }
@@ -84,7 +84,7 @@ fn a_request_id_is_the_first_and_goes_on_unless_it_is_empty() {
 #[test]
 fn a_name_connection_lists_is_not_acted_on() {
     let l = lines(
-        "POST / HTTP/1.1\r\nConnection: x-request-id, X-Forwarded-For, idempotency-key\r\n\
+        "POST / HTTP/1.0\r\nConnection: x-request-id, X-Forwarded-For, idempotency-key\r\n\
          X-Request-Id: a\r\nX-Forwarded-For: 10.0.0.1\r\nIdempotency-Key: k\r\n\r\n",
     );
     assert_eq!(l.request_id, None);
@@ -96,13 +96,37 @@ fn a_name_connection_lists_is_not_acted_on() {
 #[test]
 fn keep_alive_follows_the_version_and_connection() {
     for (raw, keep) in [
-        ("GET / HTTP/1.1\r\n\r\n", true),
-        ("GET / HTTP/1.1\r\nConnection: Close\r\n\r\n", false),
+        ("GET / HTTP/1.1\r\nHost: h\r\n\r\n", true),
+        (
+            "GET / HTTP/1.1\r\nHost: h\r\nConnection: Close\r\n\r\n",
+            false,
+        ),
         ("GET / HTTP/1.0\r\n\r\n", false),
         ("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", true),
     ] {
         assert_eq!(lines(raw).keep_alive, keep, "{raw}");
     }
+}
+
+#[test]
+fn the_lines_of_a_long_head_are_told_apart_to_the_last() {
+    let mut raw = String::from("GET / HTTP/1.1\r\n");
+    for i in 0..95 {
+        raw.push_str(&format!("X-{i}: v\r\n"));
+    }
+    raw.push_str(
+        "Upgrade: h2c\r\nX-Forwarded-For: 10.0.0.1\r\nConnection: x-3, X-93\r\nHost: h\r\n\r\n",
+    );
+    let l = lines(&raw);
+    let kept: Vec<_> = l.fields.iter().map(|(name, _)| name.to_vec()).collect();
+    let expected: Vec<_> = (0..95)
+        .filter(|&i| i != 3 && i != 93)
+        .map(|i| format!("X-{i}").into_bytes())
+        .chain([b"Host".to_vec()])
+        .collect();
+    assert_eq!(kept, expected);
+    assert_eq!(l.forwarded_for.as_deref(), Some(&b"10.0.0.1"[..]));
+    assert!(l.host_forwarded);
 }
 
 /// Names a random head mixes: each rule's, in several cases, and some kaguard passes on.
@@ -132,8 +156,8 @@ const NAMES: &[&str] = &[
 const CONNECTION_VALUES: &[&str] = &["keep-alive", "x-a", "host", "X-Request-Id", "close, X-B"];
 const VALUES: &[&str] = &["", "1", "a b", "10.0.0.1"];
 
-/// What the rules say is forwarded of `lines`, line by line.
-fn model(lines: &[(&str, &str)], absolute: bool) -> Vec<String> {
+/// What the rules say is forwarded of `lines`, line by line; `None` if the head is refused.
+fn model(lines: &[(&str, &str)], absolute: bool, http10: bool) -> Option<Vec<String>> {
     let is = |name: &str, known: &str| name.eq_ignore_ascii_case(known);
     let listed = |name: &str| {
         lines
@@ -143,6 +167,9 @@ fn model(lines: &[(&str, &str)], absolute: bool) -> Vec<String> {
             .any(|token| is(token.trim(), name))
     };
     let hosts = lines.iter().filter(|(n, _)| is(n, "host")).count();
+    if hosts > 1 || hosts == 0 && !http10 {
+        return None;
+    }
     let first_id = lines.iter().find(|(n, _)| is(n, "x-request-id"));
     let own = [
         "content-length",
@@ -151,7 +178,7 @@ fn model(lines: &[(&str, &str)], absolute: bool) -> Vec<String> {
         "x-forwarded-proto",
         "x-forwarded-host",
     ];
-    lines
+    let forwarded = lines
         .iter()
         .filter(|(n, _)| {
             crate::hop::position(n.as_bytes()).is_none()
@@ -161,7 +188,8 @@ fn model(lines: &[(&str, &str)], absolute: bool) -> Vec<String> {
                 && (!is(n, "x-request-id") || first_id.is_some_and(|(_, v)| !v.is_empty()))
         })
         .map(|(n, v)| format!("{n}: {v}\r\n"))
-        .collect()
+        .collect();
+    Some(forwarded)
 }
 
 proptest! {
@@ -171,6 +199,7 @@ proptest! {
     fn exactly_the_lines_the_rules_pass_on_go_upstream(
         picks in proptest::collection::vec((0..NAMES.len(), 0..VALUES.len()), 0..24),
         absolute in any::<bool>(),
+        http10 in any::<bool>(),
     ) {
         let head: Vec<(&str, &str)> = picks
             .iter()
@@ -181,12 +210,15 @@ proptest! {
             })
             .collect();
         let target = if absolute { "http://h/" } else { "/" };
-        let mut raw = format!("GET {target} HTTP/1.1\r\n");
+        let version = if http10 { "1.0" } else { "1.1" };
+        let mut raw = format!("GET {target} HTTP/{version}\r\n");
         for (n, v) in &head {
             raw.push_str(&format!("{n}: {v}\r\n"));
         }
         raw.push_str("\r\n");
-        let l = lines(&raw);
-        prop_assert_eq!(forwarded(&l), model(&head, absolute).concat());
+        match model(&head, absolute, http10) {
+            Some(expected) => prop_assert_eq!(forwarded(&lines(&raw)), expected.concat()),
+            None => prop_assert!(matches!(read(&raw), Err(Refused::Invalid(_)))),
+        }
     }
 }
