@@ -26,7 +26,7 @@ use tokio::sync::Notify;
 
 use crate::config::DownstreamConfig;
 use crate::proxy::body::{OnDrop, ResponseBody};
-use crate::proxy::{Abort, Client, Proxy};
+use crate::proxy::{Abort, Client, Proxy, Routed};
 use h1::Handling;
 #[cfg(test)]
 pub(crate) use incoming::Feed;
@@ -225,12 +225,27 @@ impl Downstream {
         let this = self.clone();
         let service_tracker = tracker.clone();
         let service = move |req: Request<Incoming>, lines: Lines| -> Handling {
+            let (requests, conflicting_framing) = service_tracker.begin();
+            let asked = Asked {
+                // Ends the request on its connection when the response body is dropped, or
+                // right away if the proxy asks to abort.
+                in_flight: InFlight(Some(service_tracker.clone())),
+                keep_alive: lines.keep_alive,
+                requests,
+                conflicting_framing,
+            };
+            let client = Client {
+                addr,
+                connection: serial,
+                requests,
+                conflicting_framing,
+            };
+            // Routed before its future is made, so that the future holds what the request
+            // became and not its parts too.
+            let routed = this.proxy.route(req, lines, client);
             // The request's own future, boxed once: a wrapping block would hold it too, and
             // every layer is one more copy of several KiB per request.
-            Box::pin(
-                this.clone()
-                    .request(req, lines, addr, serial, service_tracker.clone()),
-            )
+            Box::pin(this.clone().request(routed, asked))
         };
         let mut conn = h1::Conn::new(io, self.max_header_size, self.hint.clone(), service);
         let mut sleep = pin!(tokio::time::sleep(Duration::from_secs(3600)));
@@ -317,34 +332,46 @@ impl Downstream {
         Served::Ended
     }
 
-    async fn request(
+    /// Forwards a routed request, and says whether its response is the connection's last.
+    // An async block, not an async fn: an async fn's future keeps its arguments twice, as
+    // given and as moved into its body, and `routed` is the largest part of this one.
+    #[allow(clippy::manual_async_fn)]
+    fn request(
         self: Arc<Self>,
-        req: Request<Incoming>,
-        lines: Lines,
-        addr: SocketAddr,
-        serial: u64,
-        tracker: Arc<Tracker>,
-    ) -> Result<(Response<ResponseBody>, bool), Abort> {
-        let (requests, conflicting_framing) = tracker.begin();
-        // Ends the request on its connection when the response body is dropped, or right
-        // away if the proxy asks to abort.
-        let in_flight = InFlight(Some(tracker.clone()));
-        let keep_alive = lines.keep_alive;
-        let client = Client {
-            addr,
-            connection: serial,
-            requests,
-            conflicting_framing,
-        };
-        let resp = self.proxy.handle(req, lines, client).await?;
-        let last = !keep_alive
-            || conflicting_framing
-            || requests >= self.keepalive_requests
-            || crate::clock::now().saturating_duration_since(tracker.accepted)
-                >= self.keepalive_time
-            || self.shutdown.is_begun();
-        Ok((resp.map(|body| body.on_drop(in_flight.hand_over())), last))
+        mut routed: Routed,
+        asked: Asked,
+    ) -> impl Future<Output = Result<(Response<ResponseBody>, bool), Abort>> + Send + 'static {
+        async move {
+            let resp = if let Routed::Forward(forward) = &mut routed {
+                self.proxy.forward(forward).await?
+            } else {
+                let Routed::Answered(resp) = routed else {
+                    unreachable!("a forwarded request was matched above")
+                };
+                resp
+            };
+            let last = !asked.keep_alive
+                || asked.conflicting_framing
+                || asked.requests >= self.keepalive_requests
+                || crate::clock::now()
+                    .saturating_duration_since(asked.in_flight.tracker().accepted)
+                    >= self.keepalive_time
+                || self.shutdown.is_begun();
+            Ok((
+                resp.map(|body| body.on_drop(asked.in_flight.hand_over())),
+                last,
+            ))
+        }
     }
+}
+
+/// What the client side knows of a request besides the request itself.
+struct Asked {
+    in_flight: InFlight,
+    keep_alive: bool,
+    /// Requests on the connection, this one included.
+    requests: u64,
+    conflicting_framing: bool,
 }
 
 /// Marks the end of a request on its client connection if the request ends without a
@@ -352,6 +379,10 @@ impl Downstream {
 struct InFlight(Option<Arc<Tracker>>);
 
 impl InFlight {
+    fn tracker(&self) -> &Arc<Tracker> {
+        self.0.as_ref().expect("held until handed over")
+    }
+
     fn hand_over(mut self) -> Arc<Tracker> {
         self.0.take().expect("handed over once")
     }

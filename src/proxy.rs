@@ -98,14 +98,9 @@ impl Proxy {
         }
     }
 
-    /// Proxies one request. `Err(Abort)` asks the caller to close the client connection
-    /// without a response (`on_unretryable = "close"`).
-    pub async fn handle(
-        &self,
-        req: Request<Incoming>,
-        lines: Lines,
-        client: Client,
-    ) -> Result<Response<ResponseBody>, Abort> {
+    /// Routes one request and does every part of its handling that waits for nothing:
+    /// answered here (400, 404), or made ready to go upstream with [`Proxy::forward`].
+    pub fn route(&self, req: Request<Incoming>, lines: Lines, client: Client) -> Routed {
         let start = crate::clock::now();
         // What only the access log shows is not looked up when the log is off.
         let logged = self.log.is_on();
@@ -128,14 +123,16 @@ impl Proxy {
 
         if client.conflicting_framing {
             entry.response_details = "conflicting_content_length_and_transfer_encoding".into();
-            return Ok(self.local(StatusCode::BAD_REQUEST, None, entry, start, vec![]));
+            let resp = self.local(StatusCode::BAD_REQUEST, None, entry, start, vec![]);
+            return Routed::Answered(resp);
         }
         let host = request_host(&req, &lines);
         let host_text = host.as_deref().and_then(|h| std::str::from_utf8(h).ok());
         let Some(target) = self.router.find(host_text, req.uri().path()) else {
             entry.flag("NR");
             entry.response_details = "route_not_found".into();
-            return Ok(self.local(StatusCode::NOT_FOUND, None, entry, start, vec![]));
+            let resp = self.local(StatusCode::NOT_FOUND, None, entry, start, vec![]);
+            return Routed::Answered(resp);
         };
         let group = self.groups[target.group].clone();
         entry.upstream = Some(group.name.clone());
@@ -154,10 +151,26 @@ impl Proxy {
             fields: lines.fields,
             added,
         };
+        Routed::Forward(Forward {
+            start,
+            entry,
+            group,
+            target,
+            head,
+            incoming: Some(incoming),
+            client,
+        })
+    }
 
+    /// Sends a routed request upstream, and sends it again where the retry rules allow.
+    /// `Err(Abort)` asks the caller to close the client connection without a response
+    /// (`on_unretryable = "close"`). The request is lent, not given: the caller's future
+    /// keeps it, and this one only refers to it.
+    pub async fn forward(&self, f: &mut Forward) -> Result<Response<ResponseBody>, Abort> {
+        let incoming = f.incoming.take().expect("a request is forwarded once");
         let body = match RequestBody::prefetch(
             incoming,
-            group.replay_buffer,
+            f.group.replay_buffer,
             self.max_body_size,
             self.client_body_timeout,
         )
@@ -165,46 +178,51 @@ impl Proxy {
         {
             Ok(body) => body,
             Err(err) => {
-                tracing::info!(client = %client.addr.ip(), request = %entry.request, "{err}");
+                tracing::info!(client = %f.client.addr.ip(), request = %f.entry.request, "{err}");
+                let mut entry = std::mem::take(&mut f.entry);
                 entry.flag("DC");
                 entry.response_details = err.details().into();
-                return Ok(self.local(err.status(), None, entry, start, vec![]));
+                return Ok(self.local(err.status(), None, entry, f.start, vec![]));
             }
         };
 
         let mut retries = Vec::new();
+        let policy = self.router.policy(f.target);
         match exchange::exchange(
-            &group,
-            target.retry,
-            &head,
+            &f.group,
+            policy,
+            &f.head,
             body,
-            client,
-            &mut entry,
+            f.client,
+            &mut f.entry,
             &mut retries,
         )
         .await
         {
             Ok((resp, hop, lease, sent_at)) => {
-                Ok(self.respond(resp, hop, lease, &group, entry, start, sent_at, retries))
+                let entry = std::mem::take(&mut f.entry);
+                Ok(self.respond(resp, hop, lease, &f.group, entry, f.start, sent_at, retries))
             }
             Err((failure, decision)) => {
+                let mut entry = std::mem::take(&mut f.entry);
                 tracing::error!(
-                    client = %client.addr.ip(),
+                    client = %f.client.addr.ip(),
                     request = %entry.request,
                     upstream = %entry.upstream_addr.map_or("-".to_string(), |a| a.to_string()),
                     "{failure}"
                 );
                 entry.response_details = failure.details().into();
+                let group = Some(f.group.clone());
                 if decision == Decision::CloseClient {
                     entry
                         .response_details
                         .push_str("; client connection closed without a response");
                     // nginx's code for "closed without a response"; only the log shows it.
                     let closed = StatusCode::from_u16(444).expect("444 is in range");
-                    drop(self.local(closed, Some(group), entry, start, retries));
+                    drop(self.local(closed, group, entry, f.start, retries));
                     return Err(Abort);
                 }
-                Ok(self.local(failure.status(), Some(group), entry, start, retries))
+                Ok(self.local(failure.status(), group, entry, f.start, retries))
             }
         }
     }
@@ -279,6 +297,31 @@ impl Proxy {
             .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
         resp
     }
+}
+
+/// A request as [`Proxy::route`] leaves it.
+// Boxing the larger variant would cost an allocation per request, to shrink a value that is
+// made once and moved straight into the request's boxed future.
+#[allow(clippy::large_enum_variant)]
+pub enum Routed {
+    /// Answered without the upstream.
+    Answered(Response<ResponseBody>),
+    /// To be sent upstream with [`Proxy::forward`].
+    Forward(Forward),
+}
+
+/// A request on its way upstream: what [`Proxy::forward`] needs, made of the request before
+/// its handling first waits. Its future then holds this alone, where it held the request's
+/// parts, its header lines and what was made of them, each more than once.
+pub struct Forward {
+    start: Instant,
+    entry: Entry,
+    group: Arc<Group>,
+    target: crate::route::Target,
+    head: Head,
+    /// The client's body, until the request is forwarded.
+    incoming: Option<Incoming>,
+    client: Client,
 }
 
 /// The client connection is to be closed without a response.

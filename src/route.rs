@@ -21,23 +21,27 @@ pub struct Router {
     any_host: Vec<Prefix>,
     /// The group that takes every request when there are no routes and exactly one group,
     /// with `Config::retry`.
-    only_group: Option<(usize, RetryPolicy)>,
+    only_group: Option<Target>,
+    /// Every route's retry policy, then `Config::retry`. A [`Target`] names its policy by
+    /// place, so that what a request keeps of its route borrows nothing from the router.
+    policies: Vec<RetryPolicy>,
 }
 
 #[derive(Debug, Clone)]
 struct Prefix {
     prefix: Box<str>,
     upstream: usize,
-    retry: RetryPolicy,
+    policy: usize,
 }
 
 /// Where a request goes, and how it is retried there.
-#[derive(Debug, Clone, Copy)]
-pub struct Target<'a> {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Target {
     /// Index into `Config::upstreams`.
     pub group: usize,
-    /// The matched route's policy, or `Config::retry` when there are no routes.
-    pub retry: &'a RetryPolicy,
+    /// The matched route's policy, or `Config::retry` when there are no routes: its place
+    /// in the router's ([`Router::policy`]).
+    policy: usize,
 }
 
 impl Router {
@@ -47,6 +51,7 @@ impl Router {
         let groups = &config.upstreams;
         let mut by_host: HashMap<Box<str>, Vec<Prefix>> = HashMap::new();
         let mut any_host = Vec::new();
+        let mut policies = Vec::with_capacity(config.routes.len() + 1);
         for route in &config.routes {
             let Some(upstream) = groups.iter().position(|g| g.name == route.upstream) else {
                 continue;
@@ -54,8 +59,9 @@ impl Router {
             let prefix = Prefix {
                 prefix: route.path_prefix.as_str().into(),
                 upstream,
-                retry: route.retry.clone(),
+                policy: policies.len(),
             };
+            policies.push(route.retry.clone());
             match &route.host {
                 Some(host) => by_host
                     .entry(normalize_host(host).to_ascii_lowercase().into())
@@ -69,20 +75,29 @@ impl Router {
             // have demanded.
             prefixes.sort_by_key(|p| std::cmp::Reverse(p.prefix.len()));
         }
-        let only_group =
-            (config.routes.is_empty() && groups.len() == 1).then(|| (0, config.retry.clone()));
+        let only_group = (config.routes.is_empty() && groups.len() == 1).then_some(Target {
+            group: 0,
+            policy: policies.len(),
+        });
+        policies.push(config.retry.clone());
         Router {
             by_host,
             any_host,
             only_group,
+            policies,
         }
+    }
+
+    /// The retry policy of a target this router found.
+    pub fn policy(&self, target: Target) -> &RetryPolicy {
+        &self.policies[target.policy]
     }
 
     /// The group and retry policy for this request, or `None` (the proxy answers 404).
     ///
     /// `host` is the Host header or the URI authority as received: any case, maybe with a
     /// port. `path` may still carry its query.
-    pub fn find(&self, host: Option<&str>, path: &str) -> Option<Target<'_>> {
+    pub fn find(&self, host: Option<&str>, path: &str) -> Option<Target> {
         if let Some(host) = host
             && !self.by_host.is_empty()
         {
@@ -94,22 +109,17 @@ impl Router {
                 return Some(target);
             }
         }
-        longest_match(&self.any_host, path).or_else(|| {
-            self.only_group.as_ref().map(|(group, retry)| Target {
-                group: *group,
-                retry,
-            })
-        })
+        longest_match(&self.any_host, path).or(self.only_group)
     }
 }
 
-fn longest_match<'a>(prefixes: &'a [Prefix], path: &str) -> Option<Target<'a>> {
+fn longest_match(prefixes: &[Prefix], path: &str) -> Option<Target> {
     prefixes
         .iter()
         .find(|p| prefix_matches(&p.prefix, path))
         .map(|p| Target {
             group: p.upstream,
-            retry: &p.retry,
+            policy: p.policy,
         })
 }
 
@@ -314,7 +324,7 @@ mod tests {
         let target = router
             .find(None, "/")
             .expect("the only group takes everything");
-        assert_eq!(target.retry, &config.retry);
+        assert_eq!(router.policy(target), &config.retry);
     }
 
     #[test]
@@ -324,7 +334,11 @@ mod tests {
             with_attempts(route(None, "/api", "b"), 3),
             with_attempts(route(Some("api.example.com"), "/", "c"), 4),
         ]);
-        let attempts = |host, path| router.find(host, path).map(|t| (t.group, t.retry.attempts));
+        let attempts = |host, path| {
+            router
+                .find(host, path)
+                .map(|t| (t.group, router.policy(t).attempts))
+        };
         assert_eq!(attempts(None, "/x"), Some((0, 1)));
         assert_eq!(attempts(None, "/api/x"), Some((1, 3)));
         assert_eq!(attempts(Some("API.example.com"), "/api/x"), Some((2, 4)));
