@@ -239,6 +239,14 @@ mod tests {
         assert_eq!(&buf[..], b"NEXT");
     }
 
+    fn assert_invalid(raw: &[u8]) {
+        assert!(
+            matches!(parsed(raw), Err(Refused::Invalid(_))),
+            "{}",
+            String::from_utf8_lossy(raw)
+        );
+    }
+
     #[test]
     fn a_request_needs_one_host_line_and_http10_none() {
         assert!(parsed(b"GET / HTTP/1.0\r\n\r\n").unwrap().is_some());
@@ -248,11 +256,7 @@ mod tests {
             b"GET / HTTP/1.1\r\nHost: a\r\nhost: a\r\n\r\n",
             b"GET / HTTP/1.0\r\nHost: a\r\nHost: b\r\n\r\n",
         ] {
-            assert!(
-                matches!(parsed(refused), Err(Refused::Invalid(_))),
-                "{}",
-                String::from_utf8_lossy(refused)
-            );
+            assert_invalid(refused);
         }
     }
 
@@ -286,11 +290,7 @@ mod tests {
             b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: +3\r\n\r\n",
             b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: \r\n\r\n",
         ] {
-            assert!(
-                matches!(parsed(refused), Err(Refused::Invalid(_))),
-                "{}",
-                String::from_utf8_lossy(refused)
-            );
+            assert_invalid(refused);
         }
         let both =
             parsed(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n");
