@@ -270,6 +270,7 @@ mod tests {
         for chunked in [
             &b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: Chunked\r\n\r\n"[..],
             b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: ,\r\nTransfer-Encoding:  chunked \r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding:\r\n\r\n",
         ] {
             let head = parsed(chunked).unwrap().unwrap();
             assert_eq!(head.framing, Framing::Chunked(Chunked::Size));
@@ -286,6 +287,7 @@ mod tests {
         assert_eq!(length.unwrap().unwrap().framing, Framing::Length(5));
         for refused in [
             &b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked, gzip\r\n\r\n"[..],
+            b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding:\r\n\r\n",
             b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
             b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: +3\r\n\r\n",
             b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: \r\n\r\n",

@@ -128,7 +128,11 @@ pub(super) fn read(
                         last = Some(coding);
                     }
                 }
-                noted.chunked = Some(last.is_some_and(|c| c.eq_ignore_ascii_case(b"chunked")));
+                // An empty element or line names no coding (RFC 9110 §5.6.1).
+                match last {
+                    Some(last) => noted.chunked = Some(last.eq_ignore_ascii_case(b"chunked")),
+                    None => _ = noted.chunked.get_or_insert(false),
+                }
             }
             Some(Name::Expect) => {
                 noted.expects_continue = v.eq_ignore_ascii_case(b"100-continue");
