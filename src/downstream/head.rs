@@ -77,22 +77,14 @@ pub(super) fn parse(
     let uri = Uri::from_maybe_shared(bytes.slice(line.target.0..line.target.1))
         .map_err(|_| Refused::Invalid("invalid request target"))?;
     let absolute = uri.authority().is_some();
-    let (lines, body) = lines::read(&bytes, spans, line.version, absolute, room)?;
-    // RFC 9112 §3.2: a server answers 400 to an HTTP/1.1 request without a Host line, and to
-    // any request with more than one.
-    if body.hosts > 1 {
-        return Err(Refused::Invalid("more than one host line"));
-    }
-    if body.hosts == 0 && line.version == Version::HTTP_11 {
-        return Err(Refused::Invalid("HTTP/1.1 request without host"));
-    }
-    let (length, chunked) = (body.length, body.chunked);
+    let (lines, noted) = lines::read(&bytes, spans, line.version, absolute, room)?;
+    let (length, chunked) = (noted.length, noted.chunked);
     let framing = match chunked {
         // RFC 9112 §6.1: an HTTP/1.0 message with a transfer coding has faulty framing.
         Some(_) if line.version == Version::HTTP_10 => {
             return Err(Refused::Invalid("transfer coding in HTTP/1.0"));
         }
-        Some(true) if body.codings > 1 => {
+        Some(true) if noted.codings > 1 => {
             return Err(Refused::Unsupported("transfer coding other than chunked"));
         }
         Some(true) => Framing::Chunked(Chunked::Size),
@@ -109,7 +101,7 @@ pub(super) fn parse(
         lines,
         framing,
         conflict: chunked.is_some() && length.is_some(),
-        expects_continue: body.expects_continue && line.version == Version::HTTP_11,
+        expects_continue: noted.expects_continue && line.version == Version::HTTP_11,
     }))
 }
 

@@ -11,7 +11,7 @@ use crate::hop::Hop;
 use crate::wire::fields::{Builder, Fields, Spans};
 
 /// A request's header lines: those forwarded, and what the proxy needs of the rest.
-#[derive(Clone, Debug, Default)]
+#[derive(Debug, Default)]
 pub struct Lines {
     /// The lines that go upstream as the client wrote them, and its `Content-Length`, which
     /// the upstream's head writes once. Not among them: hop-by-hop lines and the names
@@ -19,11 +19,11 @@ pub struct Lines {
     /// and `-Host`, which kaguard writes from what it knows; a Host line not forwarded as is
     /// (see `host_forwarded`); an `X-Request-Id` that is empty.
     pub fields: Fields,
-    /// The first Host line's value.
+    /// The Host line's value (a request with more than one is refused).
     pub host: Option<Bytes>,
     /// The client's Host line is among `fields` and names the host the request is routed
-    /// by: it is the only one, `Connection` did not list it, and the target is not in
-    /// absolute form (whose authority replaces it, RFC 9112 §3.2.2).
+    /// by: `Connection` did not list it, and the target is not in absolute form (whose
+    /// authority replaces it, RFC 9112 §3.2.2).
     pub host_forwarded: bool,
     pub user_agent: Option<Bytes>,
     /// The values of the client's `X-Forwarded-For` lines, in order, joined by ", ".
@@ -46,8 +46,6 @@ pub(super) struct Noted {
     pub(super) chunked: Option<bool>,
     /// Transfer codings named, over every Transfer-Encoding line.
     pub(super) codings: usize,
-    /// Host lines.
-    pub(super) hosts: u32,
     /// `Expect: 100-continue`.
     pub(super) expects_continue: bool,
 }
@@ -97,6 +95,7 @@ pub(super) fn read(
 ) -> Result<(Lines, Noted), Refused> {
     // Line i is bit i of each mask; a head has at most 128 lines (see `head::MAX_HEADERS`).
     let mut dropped: u128 = 0;
+    // At most one bit, or the head is refused below.
     let mut hosts: u128 = 0;
     let mut ids: u128 = 0;
     let mut hop = Hop::default();
@@ -162,23 +161,25 @@ pub(super) fn read(
             Some(Name::IdempotencyKey) => lines.idempotency_key = true,
         }
     }
+    // RFC 9112 §3.2: a server answers 400 to an HTTP/1.1 request without a Host line, and to
+    // any request with more than one.
+    match hosts.count_ones() {
+        0 if version == Version::HTTP_11 => {
+            return Err(Refused::Invalid("HTTP/1.1 request without host"));
+        }
+        0 | 1 => {}
+        _ => return Err(Refused::Invalid("more than one host line")),
+    }
     // A name `Connection` lists is hop-by-hop, and kaguard acts on it no more than it
     // forwards it.
-    if !hop.listed.is_empty() {
-        let listed = |name: &[u8]| hop.lists(name);
-        lines.host_forwarded = !listed(b"host");
-        if listed(b"x-forwarded-for") {
-            lines.forwarded_for = None;
-        }
-        if listed(b"x-request-id") {
-            lines.request_id = None;
-        }
-        lines.idempotency_key &= !listed(b"idempotency-key");
-    } else {
-        lines.host_forwarded = true;
+    lines.host_forwarded = hosts != 0 && !absolute_target && !hop.lists(b"host");
+    if hop.lists(b"x-forwarded-for") {
+        lines.forwarded_for = None;
     }
-    noted.hosts = hosts.count_ones();
-    lines.host_forwarded &= noted.hosts == 1 && !absolute_target;
+    if hop.lists(b"x-request-id") {
+        lines.request_id = None;
+    }
+    lines.idempotency_key &= !hop.lists(b"idempotency-key");
     if !lines.host_forwarded {
         dropped |= hosts;
     }
@@ -189,7 +190,7 @@ pub(super) fn read(
 
     let mut fields = Builder::new(room);
     fields.push_kept(head, spans, |i, name| {
-        dropped & (1 << i) == 0 && (hop.listed.is_empty() || !hop.lists(name))
+        dropped & (1 << i) == 0 && !hop.lists(name)
     });
     if let (Some(n), None) = (noted.length, noted.chunked) {
         fields.content_length(n);
