@@ -1,7 +1,6 @@
 //! HTTP/1 on the wire, what the client side and the upstream side share: the chunked coding,
-//! header lines, and a queue of buffers going out on a socket, written with vectored writes
-//! so that a head and its body, or a chunk and its framing, leave in one system call without
-//! being copied together.
+//! header lines, and a queue of buffers going out on a socket, written so that a head and its
+//! body, or a chunk and its framing, leave in one system call.
 
 pub mod chunked;
 pub mod fields;
@@ -17,6 +16,11 @@ use tokio::io::AsyncWrite;
 
 /// Most buffers handed to one vectored write; a chunked body queues three per chunk.
 const WRITE_SLICES: usize = 16;
+
+/// Most bytes of several buffers copied together for one plain write. A response head with
+/// a small body, or a chunk and its framing, fits; copying 2 KiB costs far less than the
+/// vectored write it saves (see [`poll_write_queue`]).
+const GATHERED: usize = 2 * 1024;
 
 /// Most room a connection keeps from one head it writes to the next. Heads rarely pass 1 KiB
 /// (nginx reads a whole upstream head into 4 or 8 KiB by default); a connection, above all
@@ -35,21 +39,36 @@ pub fn split_head(room: &mut BytesMut) -> Bytes {
     head
 }
 
-/// Writes what one vectored write takes from the front of `out`, and drops it from the
-/// queue. A write that takes nothing is an error: the socket can take no more.
+/// Writes what one write takes from the front of `out`, and drops it from the queue. A write
+/// that takes nothing is an error: the socket can take no more.
+///
+/// One buffer goes out with a plain write (`send`), as do several that together fit in
+/// [`GATHERED`]: they are copied together first. Only larger ones take a vectored write
+/// (`writev`), which costs the kernel more per call than `send` does: the file layer and
+/// the copy of the vector itself (0.4 to 0.6 µs of 5.5 per write on loopback, measured
+/// with a C loop), far more than copying a small head and body together.
 pub fn poll_write_queue<W: AsyncWrite + Unpin>(
     w: &mut W,
     out: &mut VecDeque<Bytes>,
     cx: &mut Context<'_>,
 ) -> Poll<io::Result<usize>> {
-    let mut slices = [IoSlice::new(&[]); WRITE_SLICES];
-    let mut count = 0;
-    for (slot, bytes) in slices.iter_mut().zip(out.iter()) {
-        *slot = IoSlice::new(bytes);
-        count += 1;
-    }
-    let n = match std::task::ready!(Pin::new(w).poll_write_vectored(cx, &slices[..count])) {
-        Ok(0) if count > 0 => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+    let written = match out.len() {
+        0 => Poll::Ready(Ok(0)),
+        1 => Pin::new(w).poll_write(cx, &out[0]),
+        _ => match poll_write_gathered(w, out, cx) {
+            Some(written) => written,
+            None => {
+                let mut slices = [IoSlice::new(&[]); WRITE_SLICES];
+                let count = slices.len().min(out.len());
+                for (slot, bytes) in slices.iter_mut().zip(out.iter()) {
+                    *slot = IoSlice::new(bytes);
+                }
+                Pin::new(w).poll_write_vectored(cx, &slices[..count])
+            }
+        },
+    };
+    let n = match std::task::ready!(written) {
+        Ok(0) if !out.is_empty() => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
         Ok(n) => n,
         Err(err) => return Poll::Ready(Err(err)),
     };
@@ -65,6 +84,35 @@ pub fn poll_write_queue<W: AsyncWrite + Unpin>(
         }
     }
     Poll::Ready(Ok(n))
+}
+
+thread_local! {
+    /// Where [`poll_write_queue`] copies buffers together: one per thread, kept, so that
+    /// gathering neither allocates nor zeroes room.
+    static GATHER: std::cell::RefCell<Vec<u8>> =
+        std::cell::RefCell::new(Vec::with_capacity(GATHERED));
+}
+
+/// Writes the queue's buffers copied together, when they fit in [`GATHERED`] bytes.
+fn poll_write_gathered<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    out: &VecDeque<Bytes>,
+    cx: &mut Context<'_>,
+) -> Option<Poll<io::Result<usize>>> {
+    let mut len = 0;
+    for part in out {
+        len += part.len();
+        if len > GATHERED {
+            return None;
+        }
+    }
+    GATHER.with_borrow_mut(|gathered| {
+        gathered.clear();
+        for part in out {
+            gathered.extend_from_slice(part);
+        }
+        Some(Pin::new(w).poll_write(cx, gathered))
+    })
 }
 
 /// Appends `name: value` lines, one per header.
@@ -132,6 +180,106 @@ mod tests {
         }
         assert_eq!(content_length(b"5", Some(6)), None);
         assert_eq!(content_length(b"99999999999999999999", None), None);
+    }
+
+    /// A socket that records each write it is given, and takes at most `take` bytes of it.
+    struct Recorder {
+        take: usize,
+        plain: Vec<Vec<u8>>,
+        vectored: Vec<Vec<u8>>,
+    }
+
+    impl AsyncWrite for Recorder {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let n = buf.len().min(self.take);
+            self.plain.push(buf[..n].to_vec());
+            Poll::Ready(Ok(n))
+        }
+
+        fn poll_write_vectored(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            bufs: &[IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            let mut all: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+            all.truncate(self.take);
+            let n = all.len();
+            self.vectored.push(all);
+            Poll::Ready(Ok(n))
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn write_once(w: &mut Recorder, out: &mut VecDeque<Bytes>) -> io::Result<usize> {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match poll_write_queue(w, out, &mut cx) {
+            Poll::Ready(res) => res,
+            Poll::Pending => panic!("the recorder never waits"),
+        }
+    }
+
+    #[test]
+    fn a_head_and_a_small_body_leave_in_one_plain_write() {
+        let mut w = Recorder {
+            take: usize::MAX,
+            plain: vec![],
+            vectored: vec![],
+        };
+        let head = Bytes::from_static(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n");
+        let mut out = VecDeque::from([head.clone(), Bytes::from_static(b"ok")]);
+        assert_eq!(write_once(&mut w, &mut out).unwrap(), head.len() + 2);
+        assert!(out.is_empty());
+        assert_eq!(w.plain, [[&head[..], b"ok"].concat()]);
+        assert!(w.vectored.is_empty(), "no vectored write for a small queue");
+    }
+
+    #[test]
+    fn a_large_queue_takes_a_vectored_write_and_keeps_what_it_did_not_take() {
+        let mut w = Recorder {
+            take: 100,
+            plain: vec![],
+            vectored: vec![],
+        };
+        let body = Bytes::from(vec![b'x'; GATHERED]);
+        let mut out = VecDeque::from([Bytes::from_static(b"head"), body]);
+        assert_eq!(write_once(&mut w, &mut out).unwrap(), 100);
+        assert!(w.plain.is_empty());
+        assert_eq!(w.vectored.len(), 1);
+        assert_eq!(out.len(), 1, "the head was written whole");
+        assert_eq!(out[0].len(), GATHERED - 96);
+        // What is left is one buffer: a plain write.
+        w.take = usize::MAX;
+        assert_eq!(write_once(&mut w, &mut out).unwrap(), GATHERED - 96);
+        assert!(out.is_empty());
+        assert_eq!(w.plain.len(), 1);
+    }
+
+    #[test]
+    fn a_socket_that_takes_nothing_is_an_error() {
+        let mut w = Recorder {
+            take: 0,
+            plain: vec![],
+            vectored: vec![],
+        };
+        let mut out = VecDeque::from([Bytes::from_static(b"a"), Bytes::from_static(b"b")]);
+        let err = write_once(&mut w, &mut out).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::WriteZero);
+        assert_eq!(out.len(), 2);
     }
 
     #[test]
