@@ -218,8 +218,11 @@ impl Proxy {
                         .response_details
                         .push_str("; client connection closed without a response");
                     // nginx's code for "closed without a response"; only the log shows it.
-                    let closed = StatusCode::from_u16(444).expect("444 is in range");
-                    drop(self.local(closed, group, entry, f.start, retries));
+                    entry.status = 444;
+                    // No body is sent whose end would end the request: it ends here, with
+                    // the failure's details, not those of a client that went away.
+                    let finish = self.finish_local(group, entry, f.start, retries);
+                    Box::new(finish).on_end(End::Complete, 0, None);
                     return Err(Abort);
                 }
                 Ok(self.local(failure.status(), group, entry, f.start, retries))
@@ -281,7 +284,23 @@ impl Proxy {
             status.as_u16(),
             status.canonical_reason().unwrap_or("")
         );
-        let finish = Finish {
+        let finish = self.finish_local(group, entry, start, retries);
+        let mut resp = Response::new(ResponseBody::local(text).on_end(Box::new(finish)));
+        *resp.status_mut() = status;
+        resp.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        resp
+    }
+
+    /// What ends a request no upstream answered.
+    fn finish_local(
+        &self,
+        group: Option<Arc<Group>>,
+        entry: Entry,
+        start: Instant,
+        retries: Vec<Cause>,
+    ) -> Finish {
+        Finish {
             entry,
             start,
             sent_at: None,
@@ -290,12 +309,7 @@ impl Proxy {
             retries,
             log: self.log.clone(),
             metrics: self.metrics.clone(),
-        };
-        let mut resp = Response::new(ResponseBody::local(text).on_end(Box::new(finish)));
-        *resp.status_mut() = status;
-        resp.headers_mut()
-            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-        resp
+        }
     }
 }
 
@@ -389,10 +403,14 @@ impl OnEnd for Finish {
 }
 
 /// The host the client asked for (port included), from an absolute-form target or the Host
-/// header; the target wins, as RFC 9112 §3.2.2 requires of a proxy.
+/// header; the target wins, as RFC 9112 §3.2.2 requires of a proxy. A target's user
+/// information is no part of the host: it routes nothing and goes to no `Host` line.
 fn request_host<B>(req: &Request<B>, lines: &Lines) -> Option<Bytes> {
     match req.uri().authority() {
-        Some(authority) => Some(Bytes::copy_from_slice(authority.as_str().as_bytes())),
+        Some(authority) => {
+            let host = authority.as_str().rsplit('@').next().unwrap_or_default();
+            Some(Bytes::copy_from_slice(host.as_bytes()))
+        }
         None => lines.host.clone(),
     }
 }

@@ -257,6 +257,18 @@ async fn unretryable_lost_race_can_close_the_client_connection_instead_of_502() 
         "expected the client connection closed without a response, got {sent:?}"
     );
     assert_eq!(up.requests(), 2);
+    // The log says why the client got no response, not that the client went away.
+    let lines = kg.log_lines(2).await;
+    let closed = lines.last().expect("a line for the closed request");
+    assert_eq!(closed["status"], 444, "{closed}");
+    let flags = closed["response_flags"].as_str().unwrap_or_default();
+    assert!(!flags.contains("DC"), "{closed}");
+    let details = closed["response_details"].as_str().unwrap_or_default();
+    assert!(
+        details.starts_with("upstream_reset_before_response_started")
+            && details.ends_with("; client connection closed without a response"),
+        "{closed}"
+    );
 }
 
 #[tokio::test]

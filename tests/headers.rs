@@ -236,6 +236,42 @@ async fn absolute_form_target_replaces_the_host_header() {
 }
 
 #[tokio::test]
+async fn the_user_information_of_an_absolute_form_target_is_no_part_of_the_host() {
+    let up = upstream(Behaviour::default()).await;
+    let kg = start(config(&[up.addr()])).await;
+    let req = Request::get("http://user:secret@right.test:8080/path")
+        .header("host", "right.test:8080")
+        .body(Full::default())
+        .unwrap();
+    assert_eq!(Client::connect(kg.addr).await.send(req).await.status(), 200);
+    let seen = last_seen(&up);
+    assert_eq!(seen.uri, "/path");
+    assert_eq!(header(&seen.headers, "host"), Some("right.test:8080"));
+    assert_eq!(
+        header(&seen.headers, "x-forwarded-host"),
+        Some("right.test:8080")
+    );
+}
+
+#[tokio::test]
+async fn a_responses_trailers_go_on_without_framing_or_hop_by_hop_lines() {
+    let (addr, _) = scripted_upstream(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\
+          X-Sum: 6\r\nContent-Length: 5\r\nConnection: close\r\nHost: elsewhere\r\n\r\n",
+    )
+    .await;
+    let kg = start(config(&[addr])).await;
+    let out = raw(
+        kg.addr,
+        b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status_of(&out), Some(200), "{out}");
+    let (_, trailers) = out.split_once("\r\n0\r\n").expect("a chunked body");
+    assert_eq!(trailers, "x-sum: 6\r\n\r\n", "{out}");
+}
+
+#[tokio::test]
 async fn x_forwarded_for_is_appended_to_the_clients_value() {
     let up = upstream(Behaviour::default()).await;
     let kg = start(config(&[up.addr()])).await;

@@ -98,6 +98,7 @@ pub(super) fn read(
     // At most one bit, or the head is refused below.
     let mut hosts: u128 = 0;
     let mut ids: u128 = 0;
+    let mut first_id: u128 = 0;
     let mut hop = Hop::default();
     let mut lines = Lines::default();
     let mut noted = Noted::default();
@@ -156,6 +157,7 @@ pub(super) fn read(
                 ids |= bit;
                 if *id_kept.get_or_insert(!v.is_empty()) && lines.request_id.is_none() {
                     lines.request_id = Some(value(span));
+                    first_id = bit;
                 }
             }
             Some(Name::IdempotencyKey) => lines.idempotency_key = true,
@@ -183,9 +185,11 @@ pub(super) fn read(
     if !lines.host_forwarded {
         dropped |= hosts;
     }
+    // One id goes upstream, the one the log shows; without one, none of the client's.
     if lines.request_id.is_none() {
-        dropped |= ids;
+        first_id = 0;
     }
+    dropped |= ids & !first_id;
     lines.keep_alive = hop.keeps_alive(version);
 
     let mut fields = Builder::new(room);

@@ -101,7 +101,7 @@ impl Chunked {
             Err(_) => return Err(Invalid),
         };
         let mut trailers = HeaderMap::with_capacity(lines.len());
-        for line in lines.iter() {
+        for line in lines.iter().filter(|line| passed_on(line.name.as_bytes())) {
             let name = HeaderName::from_bytes(line.name.as_bytes()).map_err(|_| Invalid)?;
             let value = HeaderValue::from_bytes(line.value).map_err(|_| Invalid)?;
             trailers.append(name, value);
@@ -114,6 +114,17 @@ impl Chunked {
             Step::Trailers(trailers)
         })
     }
+}
+
+/// Whether a trailer line goes on to the next hop. Framing, hop-by-hop and routing fields
+/// mean nothing after the body (RFC 9110 §6.5.1), and a recipient that merges trailers into
+/// the header section, as some servers do, would act on them: a client could frame or route
+/// a request past what kaguard checked. Such lines are dropped, as nginx drops every request
+/// trailer.
+fn passed_on(name: &[u8]) -> bool {
+    crate::hop::position(name).is_none()
+        && !super::name_is(name, b"content-length")
+        && !super::name_is(name, b"host")
 }
 
 /// The size line that goes before a chunk of `len` bytes.
@@ -133,4 +144,34 @@ pub fn end_chunks(trailers: Option<&HeaderMap>) -> Bytes {
     super::put_lines(&mut end, trailers.iter());
     end.put_slice(b"\r\n");
     end.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn trailers_of(section: &[u8]) -> Step {
+        let mut chunked = Chunked::Trailers;
+        let mut buf = BytesMut::from(section);
+        let step = chunked.step(&mut buf).expect("valid");
+        assert!(buf.is_empty(), "the whole section is read");
+        step
+    }
+
+    #[test]
+    fn framing_hop_by_hop_and_routing_lines_are_not_passed_on_as_trailers() {
+        let section = b"X-Sum: 6\r\nContent-Length: 5\r\nTransfer-Encoding: gzip\r\n\
+            Connection: x-sum\r\nHost: elsewhere\r\nTE: trailers\r\nX-Check: a\r\n\r\n";
+        let Step::Trailers(kept) = trailers_of(section) else {
+            panic!("expected trailers")
+        };
+        let names: Vec<&str> = kept.keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["x-sum", "x-check"]);
+    }
+
+    #[test]
+    fn a_section_of_dropped_lines_only_ends_the_body() {
+        let step = trailers_of(b"Content-Length: 5\r\nkeep-alive: timeout=5\r\n\r\n");
+        assert_eq!(step, Step::End);
+    }
 }

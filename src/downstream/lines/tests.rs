@@ -72,10 +72,10 @@ fn the_clients_host_line_goes_as_is_only_when_it_is_the_routed_one() {
 }
 
 #[test]
-fn a_request_id_is_the_first_and_goes_on_unless_it_is_empty() {
+fn a_request_id_is_the_first_and_goes_on_alone_unless_it_is_empty() {
     let l = lines("GET / HTTP/1.0\r\nX-Request-Id: a\r\nx-request-id: b\r\n\r\n");
     assert_eq!(l.request_id.as_deref(), Some(&b"a"[..]));
-    assert_eq!(forwarded(&l), "X-Request-Id: a\r\nx-request-id: b\r\n");
+    assert_eq!(forwarded(&l), "X-Request-Id: a\r\n");
     let l = lines("GET / HTTP/1.0\r\nX-Request-Id:\r\nX-Request-Id: b\r\n\r\n");
     assert_eq!(l.request_id, None);
     assert_eq!(forwarded(&l), "");
@@ -170,7 +170,8 @@ fn model(lines: &[(&str, &str)], absolute: bool, http10: bool) -> Option<Vec<Str
     if hosts > 1 || hosts == 0 && !http10 {
         return None;
     }
-    let first_id = lines.iter().find(|(n, _)| is(n, "x-request-id"));
+    let first_id = lines.iter().position(|(n, _)| is(n, "x-request-id"));
+    let id_sent = first_id.filter(|&i| !lines[i].1.is_empty() && !listed("x-request-id"));
     let own = [
         "content-length",
         "expect",
@@ -180,14 +181,15 @@ fn model(lines: &[(&str, &str)], absolute: bool, http10: bool) -> Option<Vec<Str
     ];
     let forwarded = lines
         .iter()
-        .filter(|(n, _)| {
+        .enumerate()
+        .filter(|&(i, (n, _))| {
             crate::hop::position(n.as_bytes()).is_none()
                 && !listed(n)
                 && !own.iter().any(|o| is(n, o))
                 && (!is(n, "host") || hosts == 1 && !absolute)
-                && (!is(n, "x-request-id") || first_id.is_some_and(|(_, v)| !v.is_empty()))
+                && (!is(n, "x-request-id") || id_sent == Some(i))
         })
-        .map(|(n, v)| format!("{n}: {v}\r\n"))
+        .map(|(_, (n, v))| format!("{n}: {v}\r\n"))
         .collect();
     Some(forwarded)
 }
