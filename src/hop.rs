@@ -49,7 +49,7 @@ impl Hop {
         if i == CONNECTION {
             self.note_connection(text(value));
         } else if i == KEEP_ALIVE {
-            self.note_params(text(value));
+            self.note_params(std::str::from_utf8(text(value)).unwrap_or(""));
         }
         true
     }
@@ -62,13 +62,14 @@ impl Hop {
     }
 
     /// `Connection: close, keep-alive, <names>`.
-    fn note_connection(&mut self, text: &str) {
-        for token in text.split(',').map(str::trim).filter(|t| !t.is_empty()) {
-            if token.eq_ignore_ascii_case("close") {
+    fn note_connection(&mut self, text: &[u8]) {
+        let tokens = text.split(|&b| b == b',').map(<[u8]>::trim_ascii);
+        for token in tokens.filter(|t| !t.is_empty()) {
+            if token.eq_ignore_ascii_case(b"close") {
                 self.close = true;
-            } else if token.eq_ignore_ascii_case("keep-alive") {
+            } else if token.eq_ignore_ascii_case(b"keep-alive") {
                 self.keep_alive = true;
-            } else if let Ok(listed) = HeaderName::from_bytes(token.as_bytes()) {
+            } else if let Ok(listed) = HeaderName::from_bytes(token) {
                 self.listed.push(listed);
             }
         }
@@ -120,16 +121,14 @@ pub fn position(name: &[u8]) -> Option<usize> {
         .find(|&i| HOP_BY_HOP[i].eq_ignore_ascii_case(name))
 }
 
-/// A value that is not visible ASCII names no token and no parameter.
-fn text(value: &[u8]) -> &str {
+/// A value that is not visible ASCII names no token and no parameter. `Connection` lines,
+/// one on most responses, are read as bytes: checking them as UTF-8 too cost more than the
+/// rest of their reading.
+fn text(value: &[u8]) -> &[u8] {
     let visible = value
         .iter()
         .all(|&b| b == b'\t' || (b' '..=b'~').contains(&b));
-    if visible {
-        std::str::from_utf8(value).unwrap_or("")
-    } else {
-        ""
-    }
+    if visible { value } else { b"" }
 }
 
 #[cfg(test)]

@@ -127,8 +127,7 @@ impl Proxy {
             return Routed::Answered(resp);
         }
         let host = request_host(&req, &lines);
-        let host_text = host.as_deref().and_then(|h| std::str::from_utf8(h).ok());
-        let Some(target) = self.router.find(host_text, req.uri().path()) else {
+        let Some(target) = self.router.find(host.as_deref(), req.uri().path()) else {
             entry.flag("NR");
             entry.response_details = "route_not_found".into();
             let resp = self.local(StatusCode::NOT_FOUND, None, entry, start, vec![]);

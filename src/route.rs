@@ -97,9 +97,10 @@ impl Router {
     ///
     /// `host` is the Host header or the URI authority as received: any case, maybe with a
     /// port. `path` may still carry its query.
-    pub fn find(&self, host: Option<&str>, path: &str) -> Option<Target> {
-        if let Some(host) = host
-            && !self.by_host.is_empty()
+    pub fn find(&self, host: Option<&[u8]>, path: &str) -> Option<Target> {
+        // The host is read as text only where hosts route: most configs route by path alone.
+        if !self.by_host.is_empty()
+            && let Some(host) = host.and_then(|h| std::str::from_utf8(h).ok())
         {
             let mut buf = [0u8; MAX_HOST_LEN];
             if let Some(host) = lowercase(normalize_host(host), &mut buf)
@@ -200,7 +201,9 @@ mod tests {
 
     /// The group index `router` picks.
     fn find(router: &Router, host: Option<&str>, path: &str) -> Option<usize> {
-        router.find(host, path).map(|target| target.group)
+        router
+            .find(host.map(str::as_bytes), path)
+            .map(|target| target.group)
     }
 
     #[test]
@@ -334,13 +337,13 @@ mod tests {
             with_attempts(route(None, "/api", "b"), 3),
             with_attempts(route(Some("api.example.com"), "/", "c"), 4),
         ]);
-        let attempts = |host, path| {
+        let attempts = |host: Option<&[u8]>, path| {
             router
                 .find(host, path)
                 .map(|t| (t.group, router.policy(t).attempts))
         };
         assert_eq!(attempts(None, "/x"), Some((0, 1)));
         assert_eq!(attempts(None, "/api/x"), Some((1, 3)));
-        assert_eq!(attempts(Some("API.example.com"), "/api/x"), Some((2, 4)));
+        assert_eq!(attempts(Some(b"API.example.com"), "/api/x"), Some((2, 4)));
     }
 }
