@@ -58,7 +58,7 @@ impl Hop {
     pub fn lists(&self, name: &[u8]) -> bool {
         self.listed
             .iter()
-            .any(|l| crate::wire::name_is(name, l.as_str().as_bytes()))
+            .any(|l| name.eq_ignore_ascii_case(l.as_str().as_bytes()))
     }
 
     /// `Connection: close, keep-alive, <names>`.
@@ -118,7 +118,7 @@ pub fn position(name: &[u8]) -> Option<usize> {
     candidates
         .iter()
         .copied()
-        .find(|&i| HOP_BY_HOP[i].eq_ignore_ascii_case(name))
+        .find(|&i| crate::wire::name_is(name, HOP_BY_HOP[i]))
 }
 
 /// A value that is not visible ASCII names no token and no parameter. `Connection` lines,

@@ -17,7 +17,8 @@ pub struct Lines {
     /// the upstream's head writes once. Not among them: hop-by-hop lines and the names
     /// `Connection` lists; `Expect`, which kaguard answers itself; `X-Forwarded-For`, `-Proto`
     /// and `-Host`, which kaguard writes from what it knows; a Host line not forwarded as is
-    /// (see `host_forwarded`); an `X-Request-Id` that is empty.
+    /// (see `host_forwarded`); the `X-Request-Id` lines but the first, and that one too when
+    /// it is empty.
     pub fields: Fields,
     /// The Host line's value (a request with more than one is refused).
     pub host: Option<Bytes>,
@@ -81,7 +82,7 @@ pub(super) fn name(name: &[u8]) -> Option<Name> {
         17 => (b"transfer-encoding", Name::TransferEncoding),
         _ => return None,
     };
-    name.eq_ignore_ascii_case(known).then_some(which)
+    crate::wire::name_is(name, known).then_some(which)
 }
 
 /// Reads the header lines of a request head: `spans` locate them in `head`. The forwarded

@@ -119,13 +119,22 @@ impl Chunked {
 /// Whether a trailer line goes on to the next hop. Framing, hop-by-hop and routing fields
 /// mean nothing after the body (RFC 9110 §6.5.1), and a recipient that merges trailers into
 /// the header section, as some servers do, would act on them: a client could frame or route
-/// a request past what kaguard checked. Such lines are dropped, as nginx drops every request
+/// a request past what kaguard checked, or speak for kaguard in the lines it writes itself
+/// (`X-Forwarded-*`, `X-Request-Id`). Such lines are dropped, as nginx drops every request
 /// trailer.
 fn passed_on(name: &[u8]) -> bool {
-    crate::hop::position(name).is_none()
-        && !super::name_is(name, b"content-length")
-        && !super::name_is(name, b"host")
+    crate::hop::position(name).is_none() && !NOT_TRAILERS.iter().any(|n| super::name_is(name, n))
 }
+
+/// The names besides the hop-by-hop ones that no trailer section passes on.
+const NOT_TRAILERS: [&[u8]; 6] = [
+    b"content-length",
+    b"host",
+    b"x-forwarded-for",
+    b"x-forwarded-proto",
+    b"x-forwarded-host",
+    b"x-request-id",
+];
 
 /// The size line that goes before a chunk of `len` bytes.
 pub fn chunk_size(len: usize) -> Bytes {
@@ -161,7 +170,9 @@ mod tests {
     #[test]
     fn framing_hop_by_hop_and_routing_lines_are_not_passed_on_as_trailers() {
         let section = b"X-Sum: 6\r\nContent-Length: 5\r\nTransfer-Encoding: gzip\r\n\
-            Connection: x-sum\r\nHost: elsewhere\r\nTE: trailers\r\nX-Check: a\r\n\r\n";
+            Connection: x-sum\r\nHost: elsewhere\r\nTE: trailers\r\nX-Forwarded-For: 10.0.0.1\r\n\
+            x-forwarded-host: admin\r\nX-Forwarded-Proto: https\r\nX-Request-Id: b\r\n\
+            X-Check: a\r\n\r\n";
         let Step::Trailers(kept) = trailers_of(section) else {
             panic!("expected trailers")
         };
