@@ -127,6 +127,11 @@ impl Proxy {
             return Routed::Answered(resp);
         }
         let host = request_host(&req, &lines);
+        if req.uri().authority().is_some() && !host.as_deref().is_some_and(names_a_host) {
+            entry.response_details = "absolute_form_target_without_host".into();
+            let resp = self.local(StatusCode::BAD_REQUEST, None, entry, start, vec![]);
+            return Routed::Answered(resp);
+        }
         let Some(target) = self.router.find(host.as_deref(), req.uri().path()) else {
             entry.flag("NR");
             entry.response_details = "route_not_found".into();
@@ -411,6 +416,23 @@ fn request_host<B>(req: &Request<B>, lines: &Lines) -> Option<Bytes> {
             Some(Bytes::copy_from_slice(host.as_bytes()))
         }
         None => lines.host.clone(),
+    }
+}
+
+/// Whether the host of an absolute-form target, as [`request_host`] gives it, names one: a
+/// recipient refuses an http URI whose host is empty (RFC 9110 §4.2.1), and a `]` with no
+/// IP literal before it would go upstream as a `Host` no server can answer to.
+fn names_a_host(host: &[u8]) -> bool {
+    match host.strip_prefix(b"[") {
+        // An IP literal: a closing bracket after something, then a port or nothing.
+        Some(rest) => rest
+            .iter()
+            .position(|&b| b == b']')
+            .is_some_and(|end| end > 0 && matches!(rest.get(end + 1), None | Some(b':'))),
+        None => {
+            let name = host.split(|&b| b == b':').next().unwrap_or_default();
+            !name.is_empty() && !name.contains(&b']')
+        }
     }
 }
 

@@ -254,6 +254,23 @@ async fn the_user_information_of_an_absolute_form_target_is_no_part_of_the_host(
 }
 
 #[tokio::test]
+async fn an_absolute_form_target_without_a_host_is_refused() {
+    let up = upstream(Behaviour::default()).await;
+    let kg = start(config(&[up.addr()])).await;
+    for target in ["http://u@:80/", "http://:80/", "http://[::1@evil]/"] {
+        let request = format!("GET {target} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+        let out = raw(kg.addr, request.as_bytes()).await;
+        assert_eq!(status_of(&out), Some(400), "{target}: {out}");
+    }
+    for target in ["http://u@right.test/", "http://[::1]:8080/"] {
+        let request = format!("GET {target} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+        let out = raw(kg.addr, request.as_bytes()).await;
+        assert_eq!(status_of(&out), Some(200), "{target}: {out}");
+    }
+    assert_eq!(up.requests(), 2);
+}
+
+#[tokio::test]
 async fn a_responses_trailers_go_on_without_framing_or_hop_by_hop_lines() {
     let (addr, _) = scripted_upstream(
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\
