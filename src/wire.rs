@@ -233,6 +233,16 @@ mod tests {
         vectored: Vec<Vec<u8>>,
     }
 
+    impl Recorder {
+        fn taking(take: usize) -> Recorder {
+            Recorder {
+                take,
+                plain: vec![],
+                vectored: vec![],
+            }
+        }
+    }
+
     impl AsyncWrite for Recorder {
         fn poll_write(
             mut self: Pin<&mut Self>,
@@ -282,11 +292,7 @@ mod tests {
 
     #[test]
     fn a_head_and_a_small_body_leave_in_one_plain_write() {
-        let mut w = Recorder {
-            take: usize::MAX,
-            plain: vec![],
-            vectored: vec![],
-        };
+        let mut w = Recorder::taking(usize::MAX);
         let head = Bytes::from_static(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n");
         let mut out = VecDeque::from([head.clone(), Bytes::from_static(b"ok")]);
         assert_eq!(write_once(&mut w, &mut out).unwrap(), head.len() + 2);
@@ -297,11 +303,7 @@ mod tests {
 
     #[test]
     fn a_large_queue_takes_a_vectored_write_and_keeps_what_it_did_not_take() {
-        let mut w = Recorder {
-            take: 100,
-            plain: vec![],
-            vectored: vec![],
-        };
+        let mut w = Recorder::taking(100);
         let body = Bytes::from(vec![b'x'; GATHERED]);
         let mut out = VecDeque::from([Bytes::from_static(b"head"), body]);
         assert_eq!(write_once(&mut w, &mut out).unwrap(), 100);
@@ -341,11 +343,7 @@ mod tests {
 
     #[test]
     fn a_queue_written_from_inside_a_gathered_write_takes_the_vectored_write() {
-        let mut w = Nested(Recorder {
-            take: usize::MAX,
-            plain: vec![],
-            vectored: vec![],
-        });
+        let mut w = Nested(Recorder::taking(usize::MAX));
         let mut out = VecDeque::from([Bytes::from_static(b"head"), Bytes::from_static(b"ok")]);
         let mut cx = Context::from_waker(std::task::Waker::noop());
         let written = poll_write_queue(&mut w, &mut out, &mut cx);
@@ -355,11 +353,7 @@ mod tests {
 
     #[test]
     fn a_socket_that_takes_nothing_is_an_error() {
-        let mut w = Recorder {
-            take: 0,
-            plain: vec![],
-            vectored: vec![],
-        };
+        let mut w = Recorder::taking(0);
         let mut out = VecDeque::from([Bytes::from_static(b"a"), Bytes::from_static(b"b")]);
         let err = write_once(&mut w, &mut out).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::WriteZero);
