@@ -56,30 +56,33 @@ done
 # The upstream: one nginx worker serving the three bodies from files (bench/lib.sh).
 start_upstream "$tmp/up"
 
-# cpu_ticks PID: user+system clock ticks of PID and all its children threads and processes.
+# cpu_ticks PID: "USER SYSTEM", the clock ticks PID and its child processes spent in user space
+# and in the kernel, threads included. Kept apart because the kernel's share, the socket calls
+# every proxy makes alike, is most of a small request's cost (docs/performance.md).
 cpu_ticks() {
-    local total=0 p stat
+    local user=0 system=0 p stat
     for p in $1 $(pgrep -P "$1" || true); do
         stat=$(cat "/proc/$p/stat" 2>/dev/null) || continue
         stat=${stat##*) }
         # fields after the comm: state is 1st, utime 12th, stime 13th
         read -r -a f <<<"$stat"
-        total=$((total + f[11] + f[12]))
+        user=$((user + f[11]))
+        system=$((system + f[12]))
     done
-    echo "$total"
+    echo "$user $system"
 }
 
 results="$tmp/results.tsv"
 : >"$results"
 # measure NAME WORKERS CONNS SIZE ROUND PORT PID
 measure() {
-    local name=$1 workers=$2 conns=$3 size=$4 round=$5 port=$6 pid=$7 out before after
+    local name=$1 workers=$2 conns=$3 size=$4 round=$5 port=$6 pid=$7 out u0 s0 u1 s1
     out="$tmp/wrk-$name-$workers-$conns-$size-$round.txt"
-    before=$(cpu_ticks "$pid")
+    read -r u0 s0 <<<"$(cpu_ticks "$pid")"
     wrk -t1 -c"$conns" -d"${DURATION}s" --latency "http://127.0.0.1:$port/$size" >"$out" 2>&1 || true
-    after=$(cpu_ticks "$pid")
+    read -r u1 s1 <<<"$(cpu_ticks "$pid")"
     python3 "$here/wrk-summary.py" row "$out" "$name" "$workers" "$conns" "$size" "$round" \
-        "$((after - before))" "$(getconf CLK_TCK)" >>"$results"
+        "$((u1 - u0))" "$((s1 - s0))" "$(getconf CLK_TCK)" >>"$results"
 }
 
 say "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
