@@ -91,15 +91,24 @@ fn header_text<S: serde::Serializer>(v: &Option<HeaderValue>, s: S) -> Result<S:
 }
 
 /// The request line as nginx's `$request` shows it: "GET /path?q HTTP/1.1"; "" before the
-/// request is known.
+/// request is known. The user information of an absolute-form target shows as `***`: it is
+/// a password as often as not, no client should send it (RFC 9110 §4.2.4), and logs are
+/// read by more people than those it was meant for.
 #[derive(Clone, Debug, Default)]
 pub struct RequestLine(pub Option<(Method, Uri, Version)>);
 
 impl fmt::Display for RequestLine {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.0 {
-            Some((method, uri, version)) => write!(f, "{method} {uri} {version:?}"),
-            None => Ok(()),
+        let Some((method, uri, version)) = &self.0 else {
+            return Ok(());
+        };
+        match (uri.scheme(), uri.authority()) {
+            (Some(scheme), Some(authority)) if authority.as_str().contains('@') => {
+                let host = authority.as_str().rsplit('@').next().unwrap_or_default();
+                let rest = uri.path_and_query().map_or("", |p| p.as_str());
+                write!(f, "{method} {scheme}://***@{host}{rest} {version:?}")
+            }
+            _ => write!(f, "{method} {uri} {version:?}"),
         }
     }
 }
@@ -243,6 +252,21 @@ mod tests {
                 "upstream_status",
             ]
         );
+    }
+
+    #[test]
+    fn a_targets_user_information_is_masked() {
+        let line = |target: &str| {
+            let uri = target.parse().expect("a target");
+            RequestLine(Some((Method::GET, uri, Version::HTTP_11))).to_string()
+        };
+        assert_eq!(
+            line("http://user:secret@right.test:8080/p?q=1"),
+            "GET http://***@right.test:8080/p?q=1 HTTP/1.1"
+        );
+        assert_eq!(line("http://u@h"), "GET http://***@h/ HTTP/1.1");
+        assert_eq!(line("http://h/p"), "GET http://h/p HTTP/1.1");
+        assert_eq!(line("/p?a@b"), "GET /p?a@b HTTP/1.1");
     }
 
     #[test]

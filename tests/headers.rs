@@ -218,15 +218,16 @@ async fn host_is_passed_through_and_copied_to_x_forwarded_host() {
 }
 
 /// An absolute-form target names the host, its user information left out, whatever the
-/// Host line says.
+/// Host line says; the access log shows that information masked.
 #[tokio::test]
 async fn absolute_form_target_replaces_the_host_header() {
     let up = upstream(Behaviour::default()).await;
     let kg = start(config(&[up.addr()])).await;
-    for (target, host) in [
+    let rows = [
         ("http://right.test/path", "right.test"),
         ("http://user:secret@right.test:8080/path", "right.test:8080"),
-    ] {
+    ];
+    for (target, host) in rows {
         let req = Request::get(target)
             .header("host", "wrong.test")
             .body(Full::default())
@@ -237,6 +238,19 @@ async fn absolute_form_target_replaces_the_host_header() {
         assert_eq!(header(&seen.headers, "x-forwarded-host"), Some(host));
         assert_eq!(header(&seen.headers, "host"), Some(host));
     }
+    let logged: Vec<_> = kg
+        .log_lines(2)
+        .await
+        .iter()
+        .map(|l| l["request"].clone())
+        .collect();
+    assert_eq!(
+        logged,
+        [
+            "GET http://right.test/path HTTP/1.1",
+            "GET http://***@right.test:8080/path HTTP/1.1"
+        ]
+    );
 }
 
 #[tokio::test]
