@@ -23,6 +23,13 @@ const HOP_BY_HOP: [&[u8]; 9] = [
 const CONNECTION: usize = 0;
 const KEEP_ALIVE: usize = 1;
 
+/// `name` (in any case) is among the names a `Connection` line listed.
+pub fn is_listed(listed: &[HeaderName], name: &[u8]) -> bool {
+    listed
+        .iter()
+        .any(|l| name.eq_ignore_ascii_case(l.as_str().as_bytes()))
+}
+
 /// What a message's hop-by-hop lines said, noted line by line as its head is read, so that
 /// none of them is forwarded and none needs looking up again.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -64,9 +71,7 @@ impl Hop {
 
     /// `Connection` listed `name` (in any case) as hop-by-hop for this message.
     pub fn lists(&self, name: &[u8]) -> bool {
-        self.listed
-            .iter()
-            .any(|l| name.eq_ignore_ascii_case(l.as_str().as_bytes()))
+        is_listed(&self.listed, name)
     }
 
     /// `Connection: close, keep-alive, <names>`.

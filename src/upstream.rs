@@ -23,7 +23,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use http::{HeaderMap, Method, Response, Uri};
+use http::{HeaderMap, HeaderName, Method, Response, Uri};
 use hyper::body::{Frame, SizeHint};
 use tokio::net::TcpStream;
 use tokio::time::Sleep;
@@ -104,6 +104,8 @@ pub struct UpstreamConn {
     heads: BytesMut,
     /// Room for the header lines of responses, kept for the same reason.
     fields: BytesMut,
+    /// The names the response's `Connection` line listed, which its trailers lose too.
+    listed: Vec<HeaderName>,
     /// A streamed request body still going out; boxed, as only streamed bodies need it.
     sending: Option<Box<Sending>>,
     reading: Reading,
@@ -167,6 +169,7 @@ impl UpstreamConn {
             out: VecDeque::new(),
             heads: BytesMut::new(),
             fields: BytesMut::new(),
+            listed: Vec::new(),
             sending: None,
             reading: Reading::Idle,
             written: 0,
@@ -320,6 +323,8 @@ impl UpstreamConn {
                         Framing::Length(0) => Reading::Idle,
                         framing => Reading::Body(framing),
                     };
+                    // Reuses the room of the last list; most heads list nothing.
+                    self.listed.clone_from(&head.hop.listed);
                     return Poll::Ready(Ok((head.response, head.hop)));
                 }
                 Ok(None) => {}
@@ -395,7 +400,7 @@ impl UpstreamConn {
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
                 Framing::Length(_) => {}
-                Framing::Chunked(chunked) => match chunked.step(&mut self.buf) {
+                Framing::Chunked(chunked) => match chunked.step(&mut self.buf, &self.listed) {
                     Err(_) => return Poll::Ready(Some(Err(self.spend(ConnError::Invalid)))),
                     Ok(Step::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
                     Ok(Step::Trailers(trailers)) => {

@@ -270,11 +270,13 @@ async fn an_absolute_form_target_without_a_host_is_refused() {
     assert_eq!(up.requests(), 2);
 }
 
+/// Nor the names the head's `Connection` line listed (RFC 9110 §7.6.1).
 #[tokio::test]
 async fn a_responses_trailers_go_on_without_framing_or_hop_by_hop_lines() {
     let (addr, _) = scripted_upstream(
-        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\
-          X-Sum: 6\r\nContent-Length: 5\r\nConnection: close\r\nHost: elsewhere\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: X-Secret\r\n\r\n\
+          2\r\nok\r\n0\r\nX-Sum: 6\r\nContent-Length: 5\r\nConnection: close\r\n\
+          Host: elsewhere\r\nx-secret: a\r\n\r\n",
     )
     .await;
     let kg = start(config(&[addr])).await;
@@ -286,6 +288,41 @@ async fn a_responses_trailers_go_on_without_framing_or_hop_by_hop_lines() {
     assert_eq!(status_of(&out), Some(200), "{out}");
     let (_, trailers) = out.split_once("\r\n0\r\n").expect("a chunked body");
     assert_eq!(trailers, "x-sum: 6\r\n\r\n", "{out}");
+}
+
+/// A request's trailers lose the same lines on their way upstream; here a name its
+/// `Connection` line listed.
+#[tokio::test]
+async fn a_requests_trailers_go_on_without_the_names_connection_listed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let upstream = tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.expect("a connection");
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        // Until the chunked body's end: the last chunk, then an empty line.
+        while !seen.ends_with(b"\r\n\r\n") || !seen.windows(5).any(|w| w == b"\r\n0\r\n") {
+            match tokio::time::timeout(PATIENCE, stream.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 && seen.len() < 64 * 1024 => seen.extend_from_slice(&buf[..n]),
+                _ => break,
+            }
+        }
+        let response = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+        stream.write_all(response).await.expect("the response");
+        String::from_utf8(seen).expect("text")
+    });
+    let kg = start(config(&[addr])).await;
+    let out = raw(
+        kg.addr,
+        b"POST / HTTP/1.1\r\nHost: t\r\nConnection: close, X-Secret\r\n\
+          Transfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nX-Sum: 6\r\nX-SECRET: a\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status_of(&out), Some(200), "{out}");
+    let seen = upstream.await.expect("the upstream's task");
+    let (_, trailers) = seen.split_once("\r\n0\r\n").expect("a chunked body");
+    assert_eq!(trailers, "x-sum: 6\r\n\r\n", "{seen}");
 }
 
 #[tokio::test]

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
-use http::{Method, Request, Response, Version};
+use http::{HeaderName, Method, Request, Response, Version};
 use hyper::body::{Body, Frame};
 use tokio::io::AsyncWrite;
 
@@ -94,6 +94,8 @@ struct Reading {
     framing: Framing,
     /// A 100 (Continue) is owed before the first read.
     send_continue: bool,
+    /// The names the head's `Connection` listed, which its trailers lose too.
+    listed: Vec<HeaderName>,
 }
 
 // Boxing the response body would cost an allocation per response, to shrink a state that
@@ -191,6 +193,7 @@ impl<F: FnMut(Request<Incoming>, Lines) -> Handling + Unpin> Conn<F> {
                     slot: slot.clone(),
                     framing,
                     send_continue: parsed.expects_continue && wire.buf.is_empty(),
+                    listed: parsed.listed,
                 });
                 Incoming::streamed(slot, len)
             }
@@ -452,7 +455,7 @@ impl Wire {
                     *left -= n;
                     Ok(Step::Data(self.buf.split_to(n as usize).freeze()))
                 }
-                Framing::Chunked(chunked) => chunked.step(&mut self.buf),
+                Framing::Chunked(chunked) => chunked.step(&mut self.buf, &reading.listed),
             };
             let ended = matches!(reading.framing, Framing::Length(0));
             let (frame, ended) = match step {

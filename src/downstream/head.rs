@@ -2,7 +2,7 @@
 //! how the body is delimited (RFC 9112 §6.3).
 
 use bytes::{Bytes, BytesMut};
-use http::{Method, Request, Uri, Version};
+use http::{HeaderName, Method, Request, Uri, Version};
 
 use super::lines::{self, Lines};
 use crate::wire::chunked::Chunked;
@@ -47,6 +47,8 @@ pub(super) struct Head {
     pub(super) conflict: bool,
     /// The client waits for a 100 (Continue) before it sends the body.
     pub(super) expects_continue: bool,
+    /// The names `Connection` listed, which the body's trailers lose too.
+    pub(super) listed: Vec<HeaderName>,
 }
 
 pub(super) use crate::wire::fields::Spans;
@@ -102,6 +104,7 @@ pub(super) fn parse(
         framing,
         conflict: chunked.is_some() && length.is_some(),
         expects_continue: noted.expects_continue && line.version == Version::HTTP_11,
+        listed: noted.listed,
     }))
 }
 

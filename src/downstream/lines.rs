@@ -4,7 +4,7 @@
 //! per line, for lines kaguard only passes on.
 
 use bytes::{Bytes, BytesMut};
-use http::Version;
+use http::{HeaderName, Version};
 
 use super::head::Refused;
 use crate::hop::Hop;
@@ -49,6 +49,8 @@ pub(super) struct Noted {
     pub(super) codings: usize,
     /// `Expect: 100-continue`.
     pub(super) expects_continue: bool,
+    /// The names `Connection` listed, which the body's trailers lose too.
+    pub(super) listed: Vec<HeaderName>,
 }
 
 /// The lines kaguard looks at, besides the hop-by-hop ones [`Hop`] finds.
@@ -201,6 +203,7 @@ pub(super) fn read(
         fields.content_length(n);
     }
     lines.fields = fields.finish();
+    noted.listed = hop.listed;
     Ok((lines, noted))
 }
 

@@ -40,8 +40,9 @@ pub enum Step {
 }
 
 impl Chunked {
-    /// Reads the next piece of the body off the front of `buf`.
-    pub fn step(&mut self, buf: &mut BytesMut) -> Result<Step, Invalid> {
+    /// Reads the next piece of the body off the front of `buf`. `listed`: the names the
+    /// head's `Connection` line listed, which no trailer section passes on either.
+    pub fn step(&mut self, buf: &mut BytesMut, listed: &[HeaderName]) -> Result<Step, Invalid> {
         loop {
             match *self {
                 // httparse reads a size line without digits as 0, the last chunk; a size
@@ -86,13 +87,13 @@ impl Chunked {
                     buf.advance(2);
                     *self = Chunked::Size;
                 }
-                Chunked::Trailers => return self.trailers(buf),
+                Chunked::Trailers => return self.trailers(buf, listed),
                 Chunked::Done => return Ok(Step::End),
             }
         }
     }
 
-    fn trailers(&mut self, buf: &mut BytesMut) -> Result<Step, Invalid> {
+    fn trailers(&mut self, buf: &mut BytesMut, listed: &[HeaderName]) -> Result<Step, Invalid> {
         let mut slots = [httparse::EMPTY_HEADER; MAX_TRAILERS];
         let (len, lines) = match httparse::parse_headers(buf, &mut slots) {
             Ok(httparse::Status::Complete(done)) => done,
@@ -101,7 +102,10 @@ impl Chunked {
             Err(_) => return Err(Invalid),
         };
         let mut trailers = HeaderMap::with_capacity(lines.len());
-        for line in lines.iter().filter(|line| passed_on(line.name.as_bytes())) {
+        for line in lines
+            .iter()
+            .filter(|l| passed_on(l.name.as_bytes(), listed))
+        {
             let name = HeaderName::from_bytes(line.name.as_bytes()).map_err(|_| Invalid)?;
             let value = HeaderValue::from_bytes(line.value).map_err(|_| Invalid)?;
             trailers.append(name, value);
@@ -121,9 +125,12 @@ impl Chunked {
 /// the header section, as some servers do, would act on them: a client could frame or route
 /// a request past what kaguard checked, or speak for kaguard in the lines it writes itself
 /// (`X-Forwarded-*`, `X-Request-Id`). Such lines are dropped, as nginx drops every request
-/// trailer.
-fn passed_on(name: &[u8]) -> bool {
-    crate::hop::position(name).is_none() && !NOT_TRAILERS.iter().any(|n| super::name_is(name, n))
+/// trailer. So are the names the head's `Connection` listed: an intermediary removes them
+/// from the header and the trailer section alike (RFC 9110 §7.6.1).
+fn passed_on(name: &[u8], listed: &[HeaderName]) -> bool {
+    crate::hop::position(name).is_none()
+        && !NOT_TRAILERS.iter().any(|n| super::name_is(name, n))
+        && !crate::hop::is_listed(listed, name)
 }
 
 /// The names besides the hop-by-hop ones that no trailer section passes on.
@@ -159,10 +166,10 @@ pub fn end_chunks(trailers: Option<&HeaderMap>) -> Bytes {
 mod tests {
     use super::*;
 
-    fn trailers_of(section: &[u8]) -> Step {
+    fn trailers_of(section: &[u8], listed: &[HeaderName]) -> Step {
         let mut chunked = Chunked::Trailers;
         let mut buf = BytesMut::from(section);
-        let step = chunked.step(&mut buf).expect("valid");
+        let step = chunked.step(&mut buf, listed).expect("valid");
         assert!(buf.is_empty(), "the whole section is read");
         step
     }
@@ -173,7 +180,7 @@ mod tests {
             Connection: x-sum\r\nHost: elsewhere\r\nTE: trailers\r\nX-Forwarded-For: 10.0.0.1\r\n\
             x-forwarded-host: admin\r\nX-Forwarded-Proto: https\r\nX-Request-Id: b\r\n\
             X-Check: a\r\n\r\n";
-        let Step::Trailers(kept) = trailers_of(section) else {
+        let Step::Trailers(kept) = trailers_of(section, &[]) else {
             panic!("expected trailers")
         };
         let names: Vec<&str> = kept.keys().map(HeaderName::as_str).collect();
@@ -181,8 +188,19 @@ mod tests {
     }
 
     #[test]
+    fn names_the_heads_connection_line_listed_are_not_passed_on_as_trailers() {
+        let listed = [HeaderName::from_static("x-secret")];
+        let section = b"X-Sum: 6\r\nX-SECRET: a\r\nx-secret: b\r\n\r\n";
+        let Step::Trailers(kept) = trailers_of(section, &listed) else {
+            panic!("expected trailers")
+        };
+        let names: Vec<&str> = kept.keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["x-sum"]);
+    }
+
+    #[test]
     fn a_section_of_dropped_lines_only_ends_the_body() {
-        let step = trailers_of(b"Content-Length: 5\r\nkeep-alive: timeout=5\r\n\r\n");
+        let step = trailers_of(b"Content-Length: 5\r\nkeep-alive: timeout=5\r\n\r\n", &[]);
         assert_eq!(step, Step::End);
     }
 }

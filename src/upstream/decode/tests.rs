@@ -213,7 +213,7 @@ fn dechunk(wire: &[u8], piece: usize) -> Result<(Vec<u8>, Option<HeaderMap>, Byt
     let mut fed = 0;
     let (mut data, mut trailers) = (Vec::new(), None);
     for _ in 0..wire.len() * 2 + 4 {
-        match chunked.step(&mut buf)? {
+        match chunked.step(&mut buf, &[])? {
             Step::Data(bytes) => data.extend_from_slice(&bytes),
             Step::Trailers(t) => trailers = Some(t),
             Step::End => return Ok((data, trailers, buf)),
