@@ -230,10 +230,16 @@ find_binaries() {
     haproxy_bin=$(find_haproxy) || haproxy_bin=
 }
 
-# build_kaguard ROOT: `cargo build --release` in ROOT, and a private copy in $tmp/kaguard (others
-# may rebuild the target directory while a bench runs).
+# build_kaguard ROOT: `cargo build --release` in ROOT, or with PGO=1 the profile-guided build of
+# bench/pgo.sh, and a private copy in $tmp/kaguard (others may rebuild the target directory
+# while a bench runs).
 build_kaguard() {
     local target
+    if [[ ${PGO:-0} == 1 ]]; then
+        say "building kaguard (release, profile-guided: bench/pgo.sh)"
+        cp "$("$1/bench/pgo.sh")" "$tmp/kaguard"
+        return
+    fi
     say "building kaguard (release)"
     (cd "$1" && cargo build --release --quiet)
     target=$(cd "$1" && cargo metadata --format-version 1 --no-deps |

@@ -23,6 +23,8 @@
 #   ROUNDS=3 DURATION=10  rounds per proxy, seconds per wrk run
 #   QUICK=1               WORKERS=1 CONNS=64 SIZES=small ROUNDS=2 DURATION=5 (each overridable)
 #   KEEPALIVE=512         idle upstream connections of nginx and kaguard; keep it >= CONNS
+#   PGO=1                 kaguard built with profile-guided optimization (bench/pgo.sh), as
+#                         docs/performance.md recommends for production; PGO=0: plain release
 #   KEEP=1                keep the temporary directory with every log and wrk output
 #
 # Loopback only; every process it starts is stopped on exit. Needs root for apt-get when
@@ -41,6 +43,7 @@ CONNS=${CONNS:-"64 256"}
 SIZES=${SIZES:-"small 16k 1m"}
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10}
+export PGO=${PGO:-1}
 
 install_missing nginx haproxy wrk
 need wrk
@@ -108,3 +111,8 @@ for workers in $WORKERS; do
     done
 done
 python3 "$here/wrk-summary.py" table "$results"
+if [[ $PGO == 1 ]]; then
+    echo "kaguard: the profile-guided build of bench/pgo.sh (PGO=0: the plain release build)."
+else
+    echo "kaguard: the plain release build (PGO=1: the profile-guided build of bench/pgo.sh)."
+fi
