@@ -91,9 +91,9 @@ fn header_text<S: serde::Serializer>(v: &Option<HeaderValue>, s: S) -> Result<S:
 }
 
 /// The request line as nginx's `$request` shows it: "GET /path?q HTTP/1.1"; "" before the
-/// request is known. The user information of an absolute-form target shows as `***`: it is
-/// a password as often as not, no client should send it (RFC 9110 §4.2.4), and logs are
-/// read by more people than those it was meant for.
+/// request is known. The user information of a target's authority shows as `***`: it may
+/// carry a password, no client should send it (RFC 9110 §4.2.4), and logs are read by more
+/// people than those it was meant for. The error log writes the request line this way too.
 #[derive(Clone, Debug, Default)]
 pub struct RequestLine(pub Option<(Method, Uri, Version)>);
 
@@ -102,11 +102,12 @@ impl fmt::Display for RequestLine {
         let Some((method, uri, version)) = &self.0 else {
             return Ok(());
         };
-        match (uri.scheme(), uri.authority()) {
-            (Some(scheme), Some(authority)) if authority.as_str().contains('@') => {
+        match uri.authority() {
+            Some(authority) if authority.as_str().contains('@') => {
                 let host = authority.as_str().rsplit('@').next().unwrap_or_default();
+                let (scheme, sep) = uri.scheme().map_or(("", ""), |s| (s.as_str(), "://"));
                 let rest = uri.path_and_query().map_or("", |p| p.as_str());
-                write!(f, "{method} {scheme}://***@{host}{rest} {version:?}")
+                write!(f, "{method} {scheme}{sep}***@{host}{rest} {version:?}")
             }
             _ => write!(f, "{method} {uri} {version:?}"),
         }
@@ -265,6 +266,11 @@ mod tests {
             "GET http://***@right.test:8080/p?q=1 HTTP/1.1"
         );
         assert_eq!(line("http://u@h"), "GET http://***@h/ HTTP/1.1");
+        assert_eq!(
+            line("http://u@[::1]:8080/"),
+            "GET http://***@[::1]:8080/ HTTP/1.1"
+        );
+        assert_eq!(line("u:p@h:80"), "GET ***@h:80 HTTP/1.1");
         assert_eq!(line("http://h/p"), "GET http://h/p HTTP/1.1");
         assert_eq!(line("/p?a@b"), "GET /p?a@b HTTP/1.1");
     }

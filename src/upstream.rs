@@ -323,7 +323,6 @@ impl UpstreamConn {
                         Framing::Length(0) => Reading::Idle,
                         framing => Reading::Body(framing),
                     };
-                    // Reuses the room of the last list; most heads list nothing.
                     self.listed.clone_from(&head.hop.listed);
                     return Poll::Ready(Ok((head.response, head.hop)));
                 }

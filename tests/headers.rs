@@ -181,6 +181,24 @@ async fn request_lines_go_upstream_as_written_and_framing_once() {
     assert!(lines("connection").is_empty(), "{head}");
 }
 
+/// kaguard carries no tunnel, and a target of the authority form is a tunnel's.
+#[tokio::test]
+async fn connect_and_authority_form_targets_are_refused_and_never_sent() {
+    let (addr, accepted, _) =
+        recording_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
+    let kg = start(config(&[addr])).await;
+    for (request, status) in [
+        (&b"CONNECT h:443 HTTP/1.1\r\nHost: h:443\r\n\r\n"[..], 501),
+        (b"CONNECT / HTTP/1.1\r\nHost: h\r\n\r\n", 501),
+        (b"GET h:80 HTTP/1.1\r\nHost: h\r\n\r\n", 400),
+        (b"GET user:secret@h:80 HTTP/1.1\r\nHost: h\r\n\r\n", 400),
+    ] {
+        let answer = raw(kg.addr, request).await;
+        assert_eq!(status_of(&answer), Some(status), "{answer}");
+    }
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 0);
+}
+
 #[tokio::test]
 async fn a_request_without_one_host_line_is_refused_and_never_sent() {
     let (addr, accepted, _) =
@@ -270,7 +288,8 @@ async fn an_absolute_form_target_without_a_host_is_refused() {
     assert_eq!(up.requests(), 2);
 }
 
-/// Nor the names the head's `Connection` line listed (RFC 9110 §7.6.1).
+/// A response's trailers go on without framing, hop-by-hop or `Host` lines, nor the names
+/// its head's `Connection` line listed (RFC 9110 §7.6.1).
 #[tokio::test]
 async fn a_responses_trailers_go_on_without_framing_or_hop_by_hop_lines() {
     let (addr, _) = scripted_upstream(

@@ -25,7 +25,8 @@ pub(super) enum Refused {
     /// 431: longer than `max_header_size`, or too many lines.
     TooLarge,
     /// 501: a transfer coding besides chunked, which kaguard would have to pass on undecoded
-    /// where it takes the chunked coding off and puts it back (nginx answers 501 too).
+    /// where it takes the chunked coding off and puts it back (nginx answers 501 too); and
+    /// CONNECT.
     Unsupported(&'static str),
 }
 
@@ -78,6 +79,15 @@ pub(super) fn parse(
         .map_err(|_| Refused::Invalid("invalid method"))?;
     let uri = Uri::from_maybe_shared(bytes.slice(line.target.0..line.target.1))
         .map_err(|_| Refused::Invalid("invalid request target"))?;
+    // A CONNECT answered 2xx turns the connection into a tunnel, which kaguard does not
+    // carry: the upstream's bytes after it would be read as responses, and the client's as
+    // requests. The authority form (`host:port`) is CONNECT's alone (RFC 9112 §3.2.3).
+    if method == Method::CONNECT {
+        return Err(Refused::Unsupported("CONNECT"));
+    }
+    if uri.scheme().is_none() && uri.authority().is_some() {
+        return Err(Refused::Invalid("authority-form target outside CONNECT"));
+    }
     let absolute = uri.authority().is_some();
     let (lines, noted) = lines::read(&bytes, spans, line.version, absolute, room)?;
     let (length, chunked) = (noted.length, noted.chunked);
