@@ -221,7 +221,9 @@ install_missing() {
     ((${#missing[@]})) || return 0
     [[ $(id -u) == 0 ]] || die "${missing[*]} not installed; as root this script would apt-get them"
     say "installing ${missing[*]} from Debian's packages"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    # Nothing on standard output, which bench/pgo.sh keeps for the path it prints.
+    apt-get update -qq >&2 &&
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 }
 
 # find_binaries: sets nginx_bin, and haproxy_bin when HAProxy is installed.
@@ -234,10 +236,12 @@ find_binaries() {
 # bench/pgo.sh, and a private copy in $tmp/kaguard (others may rebuild the target directory
 # while a bench runs).
 build_kaguard() {
-    local target
+    local target bin
     if [[ ${PGO:-0} == 1 ]]; then
         say "building kaguard (release, profile-guided: bench/pgo.sh)"
-        cp "$("$1/bench/pgo.sh")" "$tmp/kaguard"
+        bin=$("$1/bench/pgo.sh") || die "bench/pgo.sh failed"
+        [[ -x $bin ]] || die "bench/pgo.sh printed no binary: $bin"
+        cp "$bin" "$tmp/kaguard"
         return
     fi
     say "building kaguard (release)"

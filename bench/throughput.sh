@@ -23,8 +23,8 @@
 #   ROUNDS=3 DURATION=10  rounds per proxy, seconds per wrk run
 #   QUICK=1               WORKERS=1 CONNS=64 SIZES=small ROUNDS=2 DURATION=5 (each overridable)
 #   KEEPALIVE=512         idle upstream connections of nginx and kaguard; keep it >= CONNS
-#   PGO=1                 kaguard built with profile-guided optimization (bench/pgo.sh), as
-#                         docs/performance.md recommends for production; PGO=0: plain release
+#   PGO=1                 kaguard built with profile-guided optimization (bench/pgo.sh), the
+#                         build the README gives for production; PGO=0: `cargo build --release`
 #   KEEP=1                keep the temporary directory with every log and wrk output
 #
 # Loopback only; every process it starts is stopped on exit. Needs root for apt-get when
@@ -60,8 +60,9 @@ done
 start_upstream "$tmp/up"
 
 # cpu_ticks PID: "USER SYSTEM", the clock ticks PID and its child processes spent in user space
-# and in the kernel, threads included. Kept apart because the kernel's share, the socket calls
-# every proxy makes alike, is most of a small request's cost (docs/performance.md).
+# and in the kernel, threads included. Kept apart because the kernel's part is most of a small
+# request's cost and moves little from one proxy to another, so a change in user space shows
+# in the user part long before it shows in the total (docs/performance.md).
 cpu_ticks() {
     local user=0 system=0 p stat
     for p in $1 $(pgrep -P "$1" || true); do
