@@ -70,17 +70,19 @@ kg_pid=$last_pid
 wait_for_port "$port" "$kg_pid" "$tmp/kaguard.log"
 url="http://127.0.0.1:$port"
 # wrk exits 0 whatever the answers were: its errors are looked for in what it prints.
-train() { # LOG COMMAND...
-    "$@" >"$1.out" 2>&1 || die "training: $* failed: $(cat "$1.out")"
-    ! grep -qE 'Non-2xx|Socket errors' "$1.out" || die "training: $*: $(cat "$1.out")"
+train() { # OUTPUT COMMAND...
+    local out=$1
+    shift
+    "$@" >"$out" 2>&1 || die "training: $* failed: $(cat "$out")"
+    ! grep -qE 'Non-2xx|Socket errors' "$out" || die "training: $*: $(cat "$out")"
 }
-train "$tmp/small" wrk -t1 -c64 -d5s "$url/"
-train "$tmp/browser" wrk -t1 -c16 -d3s "$url/page?size=16384" \
+train "$tmp/small.out" wrk -t1 -c64 -d5s "$url/"
+train "$tmp/browser.out" wrk -t1 -c16 -d3s "$url/page?size=16384" \
     -H 'User-Agent: Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0' \
     -H 'Accept: text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8' \
     -H 'Accept-Language: en-US,en;q=0.5' -H 'Accept-Encoding: gzip, deflate, br' \
     -H 'Cookie: session=7f3a9c21e4b84d0f9a6e2c5b1d8f0a3c; theme=dark'
-train "$tmp/race" env "$helpers" "$counting" race --target "$url/" --method mix \
+train "$tmp/race.out" env "$helpers" "$counting" race --target "$url/" --method mix \
     --timeout 200ms --connections 20 --requests 400 --duration 10s --quiet
 alive "$kg_pid" || die "kaguard exited during the training: $(cat "$tmp/kaguard.log")"
 # The proxy writes its counts when it exits, which SIGTERM's graceful shutdown lets it do.
