@@ -11,7 +11,7 @@
 # runs in front of another upstream, but its first load, small keep-alive GETs, is the kind of
 # request `bench/throughput.sh` measures most. Code it does not run (chunked bodies,
 # trailers, health checks, DNS) is laid out as cold. Takes two release builds (about 6 minutes
-# on 2 cores) and 15 s of training.
+# on 2 cores) and about 15 s of training.
 #
 #   bench/pgo.sh                 # prints target/pgo/<host>/release/kaguard
 #
