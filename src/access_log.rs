@@ -104,7 +104,7 @@ impl fmt::Display for RequestLine {
         };
         match uri.authority() {
             Some(authority) if authority.as_str().contains('@') => {
-                let host = authority.as_str().rsplit('@').next().unwrap_or_default();
+                let host = crate::wire::host_port(authority);
                 let (scheme, sep) = uri.scheme().map_or(("", ""), |s| (s.as_str(), "://"));
                 let rest = uri.path_and_query().map_or("", |p| p.as_str());
                 write!(f, "{method} {scheme}{sep}***@{host}{rest} {version:?}")

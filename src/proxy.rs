@@ -412,7 +412,7 @@ impl OnEnd for Finish {
 fn request_host<B>(req: &Request<B>, lines: &Lines) -> Option<Bytes> {
     match req.uri().authority() {
         Some(authority) => {
-            let host = authority.as_str().rsplit('@').next().unwrap_or_default();
+            let host = crate::wire::host_port(authority);
             Some(Bytes::copy_from_slice(host.as_bytes()))
         }
         None => lines.host.clone(),

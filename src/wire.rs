@@ -163,6 +163,13 @@ pub fn content_length(value: &[u8], seen: Option<u64>) -> Option<u64> {
     length
 }
 
+/// An authority's host and port, without the user information some targets carry
+/// (`user:pass@host:80`): what follows the last `@`, which user information holds only
+/// percent-encoded (RFC 3986 §3.2.1).
+pub fn host_port(authority: &http::uri::Authority) -> &str {
+    authority.as_str().rsplit('@').next().unwrap_or_default()
+}
+
 /// Whether a header's name, as sent, is `known`, one of the names kaguard knows, given in lower
 /// case: letters, digits and '-' only.
 ///
